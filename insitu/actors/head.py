@@ -1,0 +1,332 @@
+"""The per-run head actor: assembles complete steps, serves them in order, relays steering.
+
+It is a detached named actor (``insitu-head-<run>`` in the configured namespace)
+created by whichever side comes first. It owns the run's node actors, so
+killing it reclaims every actor and object of the run. It reclaims itself once
+both sides are gone, or once one side is gone and the other has not shown up
+(or stopped polling) for ``reclaim_deadline`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from insitu.actors.node import NodeActor
+from insitu.config import Config
+from insitu.errors import ContractError, StepTimeoutError
+from insitu.messages import (
+    AnalyticsState,
+    EndReason,
+    NodeStep,
+    RunEnd,
+    RunInfo,
+    SimInfo,
+    Status,
+    SteeringUpdate,
+    StepData,
+    Waiting,
+)
+
+__all__ = ["HeadActor", "head_name", "get_or_create_head"]
+
+log = logging.getLogger(__name__)
+_NO_STEP = -(2**62)
+
+
+def head_name(run: str) -> str:
+    """Name of the head actor of ``run``."""
+    return f"insitu-head-{run}"
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class HeadActor:
+    """See the module docstring."""
+
+    def __init__(self, run: str, config: Config) -> None:
+        self._run = run
+        self._cfg = config
+        self._sim: SimInfo | None = None
+        self._nodes: dict[str, Any] = {}
+        self._partial: dict[int, dict[str, NodeStep]] = {}
+        self._ready: deque[StepData] = deque()
+        self._completed = _NO_STEP
+        self._analytics = AnalyticsState.PENDING
+        self._failure = ""
+        self._updates: list[SteeringUpdate] = []
+        self._pushed = 0
+        self._closed_nodes: dict[str, int] = {}
+        self._end: RunEnd | None = None
+        self._messages: Counter[str] = Counter()
+        self._steps_assembled = 0
+        self._created = time.monotonic()
+        self._ended_at: float | None = None
+        self._last_poll = time.monotonic()
+        self._polling = False
+        self._event: asyncio.Event | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._torn_down = False
+
+    # -- helpers -----------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    def _status(self, full: bool = False) -> Status:
+        updates = tuple(self._updates if full else self._updates[self._pushed :])
+        return Status(self._completed, self._analytics, updates, self._failure)
+
+    def _push(self) -> None:
+        status = self._status()
+        self._pushed = len(self._updates)
+        for node in self._nodes.values():
+            node.update.remote(status)
+
+    def _finish(self, end: RunEnd) -> None:
+        if self._end is None:
+            self._end = end
+            self._ended_at = time.monotonic()
+            self._partial.clear()
+            self._wake()
+
+    # -- simulation side -----------------------------------------------------------
+    async def register_simulation(self, info: SimInfo) -> dict[str, str]:
+        """Create one node actor per node of the simulation; return their socket addresses."""
+        self._ensure_watchdog()
+        if self._sim is not None or self._torn_down:
+            raise ContractError(
+                f"run {self._run!r} already has a simulation attached; use a new run name per run"
+            )
+        self._sim = info
+        me = ray.get_runtime_context().current_actor
+        by_node: dict[str, list[int]] = {}
+        for rank, node in enumerate(info.rank_nodes):
+            by_node.setdefault(node, []).append(rank)
+        status = self._status(full=True)
+        self._pushed = len(self._updates)
+        for node, ranks in by_node.items():
+            self._nodes[node] = NodeActor.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(self._run, node, me, tuple(ranks))
+        try:
+            addresses = await asyncio.wait_for(
+                asyncio.gather(*(a.start.remote(status) for a in self._nodes.values())),
+                self._cfg.deadline,
+            )
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(
+                f"node actors of run {self._run!r} did not start within {self._cfg.deadline:.0f} s "
+                f"on nodes {[n[:12] for n in self._nodes]}"
+            ) from None
+        self._wake()
+        return dict(zip(self._nodes, addresses, strict=True))
+
+    def node_step(self, msg: NodeStep) -> None:
+        """One node delivered one step (called once per node per step)."""
+        self._messages[msg.node] += 1
+        if self._end is not None or self._analytics >= AnalyticsState.DETACHED:
+            return  # dropped: nobody will read it
+        have = self._partial.setdefault(msg.step, {})
+        have[msg.node] = msg
+        if len(have) == len(self._nodes):
+            del self._partial[msg.step]
+            chunks = tuple(c for n in sorted(have) for c in have[n].chunks)
+            self._ready.append(StepData(msg.step, chunks))
+            self._steps_assembled += 1
+            self._wake()
+
+    def node_closed(self, node: str, last_step: int) -> None:
+        """Every rank of ``node`` closed its bridge."""
+        self._closed_nodes[node] = last_step
+        if len(self._closed_nodes) == len(self._nodes):
+            self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_nodes.values())))
+
+    def rank_failed(self, node: str, rank: int) -> None:
+        """A rank disconnected without closing (crash, kill)."""
+        self._finish(
+            RunEnd(EndReason.SIMULATION_FAILED, f"simulation rank {rank} (node {node[:12]}) died before closing")
+        )
+
+    def abort(self, reason: str) -> None:
+        """The simulation gave up during set-up: reclaim at once."""
+        self._finish(RunEnd(EndReason.ABORTED, reason))
+        self._teardown()
+
+    # -- analytics side --------------------------------------------------------------
+    async def attach(self, link: Any) -> None:
+        """Attach the analytics; ``link`` is an actor owned by the analytics process."""
+        self._ensure_watchdog()
+        if self._analytics != AnalyticsState.PENDING:
+            raise ContractError(f"run {self._run!r} already had an analytics attached ({self._analytics.name})")
+        self._analytics = AnalyticsState.ATTACHED
+        self._last_poll = time.monotonic()
+        self._push()
+        asyncio.get_running_loop().create_task(self._watch_link(link))
+
+    async def _watch_link(self, link: Any) -> None:
+        try:
+            await link.park.remote()
+        except Exception:  # any failure of the park call means the analytics process is gone
+            pass
+        if self._analytics == AnalyticsState.ATTACHED:
+            self._fail_analytics("the analytics process died")
+
+    async def run_info(self, timeout: float) -> RunInfo | Waiting:
+        """The simulation's layouts, waiting up to ``timeout`` s for it to register."""
+        end = time.monotonic() + timeout
+        while self._sim is None or not self._nodes:
+            if self._end is not None:
+                return Waiting(f"run {self._run!r} ended before a simulation registered")
+            left = end - time.monotonic()
+            if left <= 0:
+                return Waiting(f"no simulation has registered run {self._run!r} yet")
+            await self._wait(left)
+        return RunInfo(self._sim.size, self._sim.layouts, tuple(self._nodes))
+
+    async def _wait(self, timeout: float) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def next_steps(self, timeout: float) -> list[StepData | RunEnd] | Waiting:
+        """Complete steps in order (handed over: the head keeps no reference), or the end."""
+        self._last_poll = time.monotonic()
+        self._polling = True
+        try:
+            end = time.monotonic() + timeout
+            while not self._ready and self._end is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return Waiting(self._describe_wait(), self._missing())
+                await self._wait(left)
+            out: list[StepData | RunEnd] = list(self._ready)
+            self._ready.clear()
+            if self._end is not None and not out:
+                out.append(self._end)
+            return out
+        finally:
+            self._polling = False
+            self._last_poll = time.monotonic()
+
+    def _missing(self) -> dict[str, tuple[int, ...]]:
+        if self._sim is None:
+            return {}
+        if not self._partial:
+            return {}
+        step = min(self._partial)
+        missing = [n for n in self._nodes if n not in self._partial[step]]
+        return {
+            n[:12]: tuple(r for r, rn in enumerate(self._sim.rank_nodes) if rn == n) for n in missing
+        }
+
+    def _describe_wait(self) -> str:
+        if self._sim is None:
+            return f"no simulation has registered run {self._run!r}"
+        if self._partial:
+            step = min(self._partial)
+            miss = "; ".join(f"node {n} (ranks {list(r)})" for n, r in self._missing().items())
+            return f"step {step} of run {self._run!r} is incomplete: waiting for {miss}"
+        return f"run {self._run!r}: no step sent since the last one (simulation busy or stalled)"
+
+    def done(self, step: int) -> None:
+        """The analytics finished every callback of ``step``."""
+        self._completed = max(self._completed, step)
+        self._last_poll = time.monotonic()
+        self._push()
+
+    def set(self, key: str, value: Any, step: int) -> int:
+        """Record a steering value; returns its version."""
+        self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
+        self._push()
+        return len(self._updates)
+
+    def fail(self, message: str) -> None:
+        """The analytics reports a failure (callback exception)."""
+        self._fail_analytics(message)
+
+    def _fail_analytics(self, message: str) -> None:
+        self._analytics = AnalyticsState.FAILED
+        self._failure = message
+        self._ready.clear()
+        self._partial.clear()
+        self._push()
+        self._wake()
+
+    def detach(self) -> None:
+        """The analytics is done with this run."""
+        if self._analytics == AnalyticsState.ATTACHED:
+            self._analytics = AnalyticsState.DETACHED
+            self._failure = "the analytics detached"
+            self._ready.clear()
+            self._push()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks."""
+        return {
+            "messages": dict(self._messages),
+            "nodes": list(self._nodes),
+            "assembled": self._steps_assembled,
+            "analytics": self._analytics.name,
+            "ended": None if self._end is None else self._end.reason.value,
+        }
+
+    # -- reclamation -----------------------------------------------------------------
+    async def _watch(self) -> None:
+        while not self._torn_down:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            grace = self._cfg.reclaim_deadline
+            gone = self._analytics >= AnalyticsState.DETACHED
+            if self._end is not None and self._ended_at is not None:
+                if gone:
+                    reason = "both sides are done"
+                elif self._analytics == AnalyticsState.PENDING and now - self._ended_at > grace:
+                    reason = f"no analytics attached within {grace:.0f} s of the simulation's end"
+                elif not self._polling and now - max(self._last_poll, self._ended_at) > grace:
+                    reason = f"the analytics did not poll for {grace:.0f} s after the simulation's end"
+                else:
+                    continue
+            elif self._sim is None and gone:
+                reason = "the analytics left before any simulation registered"
+            elif self._sim is None and self._analytics == AnalyticsState.PENDING and now - self._created > grace:
+                reason = f"nobody attached within {grace:.0f} s"
+            else:
+                continue
+            log.info("reclaiming run %s: %s", self._run, reason)
+            self._teardown()
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        for node in self._nodes.values():
+            ray.kill(node, no_restart=True)
+        self._nodes.clear()
+        self._ready.clear()
+        self._partial.clear()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def get_or_create_head(run: str, config: Config) -> Any:
+    """Return the head actor of ``run``, creating it if needed (atomic across processes)."""
+    return HeadActor.options(
+        name=head_name(run),
+        namespace=config.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(run, config)

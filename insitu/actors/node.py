@@ -1,0 +1,162 @@
+"""The per-node actor: one per Ray node and run, pinned to its node.
+
+It serves the node's ranks over a Unix socket, copies each staged block into
+the node's object store (off the ranks' threads), frees the staging slot and,
+once every local rank delivered a step, sends exactly one message to the head.
+It is owned by the head actor, so it dies with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import pickle
+import struct
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from insitu.messages import ChunkRef, NodeStep, Status, Wire
+from insitu.transport import encode_frame
+
+__all__ = ["NodeActor"]
+
+log = logging.getLogger(__name__)
+_HEADER_FMT = "<I"
+
+
+@dataclass
+class _RankState:
+    rank: int
+    map: mmap.mmap
+    arrays: tuple[tuple[str, tuple[int, ...], tuple[int, ...], str, int], ...]  # name, block, shape, dtype, offset
+    stride: int
+    writer: asyncio.StreamWriter
+    closed: bool = False
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class NodeActor:
+    """Holds the chunks of its node's ranks for one run (see module docstring)."""
+
+    def __init__(self, run: str, node: str, head: Any, ranks: tuple[int, ...]) -> None:
+        self._run = run
+        self._node = node
+        self._head = head
+        self._expected = frozenset(ranks)
+        self._ranks: dict[int, _RankState] = {}
+        self._pending: dict[int, dict[int, tuple[ChunkRef, ...]]] = {}
+        self._status: Status | None = None
+        self._history: list[Any] = []
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="insitu-put")
+        self._server: asyncio.AbstractServer | None = None
+        self._messages = 0
+        self._last_step = -1
+
+    async def start(self, status: Status) -> str:
+        """Open the rank socket (abstract Unix namespace) and return its address."""
+        self._status = status
+        self._history = list(status.updates)
+        address = f"\0insitu-{self._run}-{self._node[:12]}-{uuid.uuid4().hex[:8]}"
+        self._server = await asyncio.start_unix_server(self._serve, path=address)
+        return address
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (for tests)."""
+        return ray.get_runtime_context().get_node_id()
+
+    def update(self, status: Status) -> None:
+        """Receive a status from the head and forward it to every connected rank."""
+        self._history.extend(status.updates)
+        self._status = status
+        frame = encode_frame((Wire.STATUS, status))
+        for st in self._ranks.values():
+            if not st.closed:
+                st.writer.write(frame)
+
+    def stats(self) -> dict[str, int]:
+        """Messages sent to the head and steps still waiting for local ranks."""
+        return {"messages": self._messages, "pending": len(self._pending)}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state: _RankState | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                (n,) = struct.unpack(_HEADER_FMT, await reader.readexactly(4))
+                msg = pickle.loads(await reader.readexactly(n))
+                tag = msg[0]
+                if tag == Wire.CHUNKS and state is not None:
+                    _, step, slot = msg
+                    chunks = await loop.run_in_executor(self._executor, self._put, state, slot)
+                    writer.write(encode_frame((Wire.FREE, slot)))
+                    self._collect(step, state.rank, chunks)
+                elif tag == Wire.HELLO:
+                    state = self._hello(msg, writer)
+                elif tag == Wire.CLOSE and state is not None:
+                    state.closed = True
+                    self._last_step = max(self._last_step, int(msg[1]))
+                    writer.write(encode_frame((Wire.CLOSED,)))
+                    await writer.drain()
+                    if all(s.closed for s in self._ranks.values()) and len(self._ranks) == len(self._expected):
+                        self._head.node_closed.remote(self._node, self._last_step)
+                    return
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if state is not None and not state.closed:
+                log.warning("rank %d of run %s disconnected without closing", state.rank, self._run)
+                self._head.rank_failed.remote(self._node, state.rank)
+        except Exception as exc:  # report, never swallow: the rank sees ERROR and raises
+            log.exception("node actor of run %s failed serving a rank", self._run)
+            writer.write(encode_frame((Wire.ERROR, f"{type(exc).__name__}: {exc}")))
+            if state is not None:
+                self._head.rank_failed.remote(self._node, state.rank)
+        finally:
+            writer.close()
+
+    def _hello(self, msg: tuple[Any, ...], writer: asyncio.StreamWriter) -> _RankState:
+        _, rank, path, arrays, slots, stride = msg
+        if rank not in self._expected:
+            raise ValueError(f"rank {rank} is not expected on node {self._node[:12]} (expected {sorted(self._expected)})")
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"staging file {path} of rank {rank} is not visible to the node actor on node "
+                f"{self._node[:12]}: the rank runs on another host than its INSITU_NODE setting says"
+            ) from None
+        try:
+            mm = mmap.mmap(fd, slots * stride)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        state = _RankState(rank, mm, tuple(arrays), stride, writer)
+        self._ranks[rank] = state
+        writer.write(encode_frame((Wire.WELCOME,)))
+        if self._status is not None:
+            writer.write(encode_frame((Wire.STATUS, Status(
+                self._status.completed, self._status.analytics, tuple(self._history), self._status.failure))))  # fmt: skip
+        return state
+
+    def _put(self, state: _RankState, slot: int) -> tuple[ChunkRef, ...]:
+        out = []
+        base = slot * state.stride
+        for name, block, shape, dtype, offset in state.arrays:
+            view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset)
+            out.append(ChunkRef(name, block, ray.put(view), self._node))
+        return tuple(out)
+
+    def _collect(self, step: int, rank: int, chunks: tuple[ChunkRef, ...]) -> None:
+        have = self._pending.setdefault(step, {})
+        have[rank] = chunks
+        if len(have) == len(self._expected):
+            del self._pending[step]
+            allchunks = tuple(c for r in sorted(have) for c in have[r])
+            self._head.node_step.remote(NodeStep(self._node, step, allchunks))
+            self._messages += 1

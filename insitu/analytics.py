@@ -1,0 +1,274 @@
+"""The analytics side: callbacks on steps or sliding windows of steps, and steering."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import dask
+
+from insitu.comm import connect_ray
+from insitu.config import Config, Scheduler, resolve_run
+from insitu.errors import (
+    CallbackError,
+    ContractError,
+    SimulationFailedError,
+    SteeringValueError,
+    StepTimeoutError,
+)
+from insitu.messages import EndReason, RunEnd, RunInfo, StepData, Waiting
+
+__all__ = ["Analytics", "RunSummary"]
+
+log = logging.getLogger(__name__)
+_POLL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What :meth:`Analytics.run` saw."""
+
+    steps: int
+    last_step: int | None
+    reason: EndReason
+
+
+@dataclass
+class _Callback:
+    fn: Callable[..., Any]
+    arrays: tuple[str, ...]
+    window: int
+    history: deque[tuple[int, dict[str, Any]]]
+
+
+def _link_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class AnalyticsLink:
+        """Owned by the analytics process: dies with it, which tells the head."""
+
+        async def park(self) -> None:
+            await asyncio.Event().wait()
+
+    return AnalyticsLink
+
+
+class Analytics:
+    """Receive a run's steps as Dask arrays and steer the simulation.
+
+    Parameters
+    ----------
+    run
+        Run name shared with the simulation (else ``INSITU_RUN``, else ``SLURM_JOB_ID``).
+    address
+        Ray address (else ``INSITU_ADDRESS``).
+    config
+        Base configuration (default :meth:`Config.from_env`).
+    **overrides
+        Config fields to override (``deadline=``, ``scheduler=``, ...).
+
+    Examples
+    --------
+    >>> import insitu  # doctest: +SKIP
+    >>> analytics = insitu.Analytics(run="demo", address="127.0.0.2:6379")  # doctest: +SKIP
+    >>> @analytics.on_step("u", window=2)  # doctest: +SKIP
+    ... def trend(step, u):
+    ...     rate = float((u[1] - u[0]).mean().compute())
+    ...     if abs(rate) < 1e-6:
+    ...         analytics.set("stop", True)
+    >>> analytics.run()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, run: str | None = None, address: str | None = None, *, config: Config | None = None, **overrides: Any
+    ) -> None:
+        base = config or Config.from_env()
+        self.config = base.replace(address=address or base.address, **{k: v for k, v in overrides.items() if v is not None})
+        self.run_name = resolve_run(run, self.config)
+        self._callbacks: list[_Callback] = []
+        self._head: Any = None
+        self._link: Any = None
+        self._owns_ray = False
+        self._where: dict[str, str] = {}
+        self._step: int | None = None
+        self.info: RunInfo | None = None
+
+    def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register ``fn(step, **arrays)`` to run on every step (or every full window).
+
+        Each named array arrives as a list of ``window`` Dask arrays, oldest first;
+        each has a ``.step`` attribute. With ``window > 1`` the callback first runs
+        when the window is full.
+        """
+        if not arrays:
+            raise ContractError("on_step needs at least one array name")
+        if int(window) < 1:
+            raise ContractError(f"window must be >= 1; got {window}")
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._callbacks.append(_Callback(fn, tuple(arrays), int(window), deque(maxlen=int(window))))
+            return fn
+
+        return register
+
+    def set(self, key: str, value: Any) -> None:
+        """Send a steering value to the simulation (``Bridge.get(key)``).
+
+        Values are ``bool``, ``int``, ``float`` or ``str``. A value set while step
+        ``s`` is analysed takes effect at one step ``t`` with ``s < t <= s + N + 1``,
+        the same on every rank (policy ``block``).
+        """
+        if not isinstance(key, str) or not isinstance(value, bool | int | float | str):
+            raise SteeringValueError(
+                f"steering values are bool, int, float or str under a str key; got {key!r}: {type(value).__name__}"
+            )
+        if self._head is None:
+            raise ContractError("Analytics.set is available while run() is running")
+        self._head.set.remote(key, value, -1 if self._step is None else self._step)
+
+    # -- run loop ---------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        """Process steps until the simulation closes; returns a summary.
+
+        Raises
+        ------
+        CallbackError
+            A callback raised (the simulation is told; its policy applies).
+        SimulationFailedError
+            A simulation rank died before closing.
+        StepTimeoutError
+            Nothing arrived within ``deadline`` seconds; names what is missing.
+        """
+        if not self._callbacks:
+            raise ContractError("no callbacks registered: use @analytics.on_step(...) first")
+        import ray
+
+        from insitu.actors.head import get_or_create_head
+
+        self._owns_ray = connect_ray(self.config)
+        try:
+            self._head = get_or_create_head(self.run_name, self.config)
+            self._link = _link_class().remote()
+            ray.get(self._head.attach.remote(self._link), timeout=self.config.deadline)
+            self.info = self._wait_info()
+            self._check_arrays(self.info)
+            return self._loop()
+        finally:
+            self._leave()
+
+    def _wait_info(self) -> RunInfo:
+        import ray
+
+        got = ray.get(self._head.run_info.remote(self.config.deadline), timeout=self.config.deadline + 30)
+        if isinstance(got, Waiting):
+            raise StepTimeoutError(f"waited {self.config.deadline:.0f} s: {got.description}")
+        return got
+
+    def _check_arrays(self, info: RunInfo) -> None:
+        known = {lay.name for lay in info.layouts}
+        for cb in self._callbacks:
+            unknown = sorted(set(cb.arrays) - known)
+            if unknown:
+                raise ContractError(
+                    f"callback {cb.fn.__name__} asks for {unknown}; run {self.run_name!r} declares {sorted(known)}"
+                )
+
+    def _loop(self) -> RunSummary:
+        import ray
+
+        steps = 0
+        last: int | None = None
+        progress = time.monotonic()
+        while True:
+            batch = ray.get(self._head.next_steps.remote(_POLL), timeout=_POLL + self.config.deadline)
+            if isinstance(batch, Waiting):
+                if time.monotonic() - progress > self.config.deadline:
+                    raise StepTimeoutError(f"no step for {self.config.deadline:.0f} s: {batch.description}")
+                continue
+            progress = time.monotonic()
+            for item in batch:
+                if isinstance(item, RunEnd):
+                    if item.reason == EndReason.CLOSED:
+                        return RunSummary(steps, last, item.reason)
+                    raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
+                self._process(item)
+                steps += 1
+                last = item.step
+
+    def _process(self, data: StepData) -> None:
+        assert self.info is not None
+        from insitu.graph import NodeScheduler, make_array
+
+        by_array: dict[str, list[Any]] = {}
+        for c in data.chunks:
+            by_array.setdefault(c.array, []).append(c)
+            self._where[c.ref.hex()] = c.node
+        arrays = {lay.name: make_array(lay, data.step, by_array.get(lay.name, []), self.run_name) for lay in self.info.layouts}
+        self._step = data.step
+        if self.config.scheduler == Scheduler.INSITU:
+            scheduler: Any = NodeScheduler(self._where, self.config.compute_cpus)
+        else:
+            from ray.util.dask import ray_dask_get
+
+            scheduler = ray_dask_get
+        for cb in self._callbacks:
+            cb.history.append((data.step, {n: arrays[n] for n in cb.arrays}))
+            if len(cb.history) < cb.window:
+                continue
+            kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
+            try:
+                with dask.config.set(scheduler=scheduler):
+                    cb.fn(data.step, **kwargs)
+            except Exception as exc:
+                message = (
+                    f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
+                    f"{', '.join(cb.arrays)}: {type(exc).__name__}: {exc}"
+                )
+                self._head.fail.remote(message + "\n" + traceback.format_exc(limit=5))
+                raise CallbackError(message, step=data.step, arrays=cb.arrays) from exc
+        self._head.done.remote(data.step)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget the locations of chunks no window holds any more."""
+        keep: set[str] = set()
+        for cb in self._callbacks:
+            for _, d in cb.history:
+                for arr in d.values():
+                    for v in arr.dask.values():
+                        if hasattr(v, "hex"):
+                            keep.add(v.hex())
+        self._where = {k: v for k, v in self._where.items() if k in keep}
+
+    def _leave(self) -> None:
+        import ray
+
+        for cb in self._callbacks:
+            cb.history.clear()
+        self._where.clear()
+        if self._head is not None:
+            try:
+                ray.get(self._head.detach.remote(), timeout=10)
+            except Exception:  # the head may already be gone; nothing left to detach from
+                log.debug("head of run %s gone before detach", self.run_name)
+        if self._link is not None:
+            ray.kill(self._link)
+            self._link = None
+        self._head = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self) -> Analytics:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._leave()

@@ -1,0 +1,525 @@
+"""The simulation side: one :class:`Bridge` per MPI rank.
+
+Only rank 0 of the bridge is a Ray driver (to register the run); every rank
+talks to its own node's actor through a Unix socket and a shared-memory
+staging file, so a rank costs a few MB and no Ray start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from insitu.comm import agree, connect_ray, launcher_mismatch, raise_common, resolve_nodes
+from insitu.config import Backpressure, Config, FailurePolicy, resolve_run
+from insitu.errors import (
+    AnalyticsFailedError,
+    BackpressureTimeout,
+    ContractError,
+    InsituError,
+    SendError,
+    StepTimeoutError,
+)
+from insitu.layout import ArrayLayout, ArraySpec, validate_layout
+from insitu.messages import AnalyticsState, SimInfo, Status, SteeringUpdate, Wire
+from insitu.transport import RankChannel, StagingFile, align
+
+__all__ = ["Bridge", "BridgeStats"]
+
+log = logging.getLogger(__name__)
+
+_NO_STEP = -(2**62)
+# Slots of the one allreduce per step (reduced with MAX; "min" values are negated).
+_ERR, _STEP_MAX, _STEP_MIN, _COMPLETED, _VERSION, _FAILED, _NO_SLOT, _TIMED_OUT, _STATE = range(9)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeStats:
+    """Counters of one rank (identical on every rank)."""
+
+    sent: int
+    skipped: int
+    dropped: int
+
+
+def _as_specs(arrays: Iterable[ArraySpec] | Mapping[str, ArraySpec]) -> dict[str, ArraySpec]:
+    items = list(arrays.values()) if isinstance(arrays, Mapping) else list(arrays)
+    out: dict[str, ArraySpec] = {}
+    for spec in items:
+        if not isinstance(spec, ArraySpec):
+            raise ContractError(f"arrays must be insitu.ArraySpec objects; got {type(spec).__name__}")
+        if spec.name in out:
+            raise ContractError(f"array {spec.name!r} is declared twice on this rank")
+        out[spec.name] = spec
+    if not out:
+        raise ContractError("a Bridge needs at least one ArraySpec")
+    return out
+
+
+class Bridge:
+    """Hand this rank's blocks to the in-situ analytics every step.
+
+    Collective over a duplicate of ``comm``: every rank of ``comm`` constructs one,
+    calls :meth:`send` for the same steps and :meth:`close` at the end.
+
+    Parameters
+    ----------
+    arrays
+        This rank's :class:`ArraySpec` declarations (a sequence, or a name -> spec mapping).
+    comm
+        An mpi4py communicator (default ``COMM_WORLD``); never used directly, only duplicated.
+    run
+        Run name shared with the analytics (else ``INSITU_RUN``, else ``SLURM_JOB_ID``).
+    config
+        Base configuration (default :meth:`Config.from_env`).
+    **overrides
+        Config fields to override, e.g. ``address=``, ``node=``, ``in_flight=``,
+        ``backpressure=``, ``on_analytics_failure=``, ``deadline=``.
+
+    Raises
+    ------
+    ContractError
+        The same on every rank when any rank's declaration, node setting or Ray
+        connection is bad.
+
+    Examples
+    --------
+    >>> import numpy as np, insitu  # doctest: +SKIP
+    >>> from mpi4py import MPI  # doctest: +SKIP
+    >>> cart = MPI.COMM_WORLD.Create_cart([2, 2])  # doctest: +SKIP
+    >>> spec = insitu.ArraySpec.from_cart("u", cart, (64, 64), "f8")  # doctest: +SKIP
+    >>> with insitu.Bridge([spec], comm=cart, run="demo") as bridge:  # doctest: +SKIP
+    ...     for step in range(10):
+    ...         bridge.send(step, u=np.random.rand(64, 64))
+    ...         if bridge.get("stop"):
+    ...             break
+    """
+
+    def __init__(
+        self,
+        arrays: Iterable[ArraySpec] | Mapping[str, ArraySpec],
+        comm: Any = None,
+        run: str | None = None,
+        *,
+        config: Config | None = None,
+        **overrides: Any,
+    ) -> None:
+        from mpi4py import MPI
+
+        self._closed = True
+        self._comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank: int = self._comm.Get_rank()
+        self.size: int = self._comm.Get_size()
+        self._channel: RankChannel | None = None
+        self._staging: StagingFile | None = None
+        self._owns_ray = False
+        self._head: Any = None
+        local: InsituError | None = None
+        specs: dict[str, ArraySpec] = {}
+        cfg = Config()
+        try:
+            cfg = (config or Config.from_env()).replace(**{k: v for k, v in overrides.items() if v is not None})
+            specs = _as_specs(arrays)
+            self.run: str = resolve_run(run, cfg)
+            problem = launcher_mismatch(MPI.COMM_WORLD.Get_size())
+            if problem:
+                raise ContractError(problem)
+        except InsituError as exc:
+            local = exc
+        self.config = cfg
+        self._specs = specs
+        if self.rank == 0 and local is None:
+            try:
+                self._owns_ray = connect_ray(cfg)
+                from insitu.actors.head import get_or_create_head
+
+                self._head = get_or_create_head(self.run, cfg)
+            except InsituError as exc:
+                local = exc
+            except Exception as exc:  # Ray's own errors: carried into the collective, never raised alone
+                local = ContractError(f"cannot reach Ray at {cfg.address}: {type(exc).__name__}: {exc}")
+        mine = (
+            None if local is None else f"{type(local).__name__}: {local}",
+            {n: s.summary() for n, s in specs.items()},
+            cfg.node,
+            getattr(self, "run", None),
+        )
+        gathered = self._comm.gather(mine, root=0)
+        result = self._setup_root(gathered) if self.rank == 0 else None
+        result = self._comm.bcast(result, root=0)
+        if result[0] == "error":
+            self._release()
+            raise ContractError(result[1])
+        _, layouts, rank_nodes, addresses = result
+        self._layouts: dict[str, ArrayLayout] = layouts
+        self.node: str = rank_nodes[self.rank]
+        self._last_step = _NO_STEP
+        self._in_flight: deque[int] = deque()
+        self._free = list(range(cfg.slots))
+        self._completed_seen = _NO_STEP
+        self._state_seen = AnalyticsState.PENDING
+        self._failure_seen = ""
+        self._broken = ""
+        self._log: dict[int, SteeringUpdate] = {}
+        self._applied_version = 0
+        self._values: dict[str, Any] = {}
+        self._analytics_ok = True
+        self._failure_message = ""
+        self._sent = self._skipped = self._dropped = 0
+        self._vec = np.zeros(9, dtype=np.int64)
+        self._agreed = np.zeros(9, dtype=np.int64)
+        local = None
+        try:
+            self._connect(addresses[self.node], cfg)
+        except InsituError as exc:
+            local = exc
+        except Exception as exc:  # carried into the agreement so that no rank raises alone
+            local = ContractError(f"cannot reach the node actor of node {self.node[:12]}: {type(exc).__name__}: {exc}")
+        try:
+            agree(self._comm, local)
+        except InsituError:
+            if self.rank == 0 and self._head is not None:
+                self._head.abort.remote("simulation set-up failed")
+            self._release()
+            raise
+        self._closed = False
+
+    # -- set-up ------------------------------------------------------------------------
+    def _setup_root(self, gathered: list[Any]) -> tuple[Any, ...]:
+        errors = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
+        if errors:
+            return ("error", "; ".join(errors))
+        names = {g[3] for g in gathered}
+        if len(names) > 1:
+            return ("error", f"ranks disagree on the run name: {sorted(names)}")
+        try:
+            per_rank = [{n: ArraySpec(n, s[1], s[2], start=s[3], shape=s[4]) for n, s in g[1].items()} for g in gathered]
+            layouts = validate_layout(per_rank)
+        except ContractError as exc:
+            return ("error", str(exc))
+        try:
+            import ray
+
+            end = time.monotonic() + self.config.deadline
+            while True:  # raylets may still be joining when a launcher starts the ranks
+                rank_nodes, problems = resolve_nodes([g[2] for g in gathered])
+                if not problems or time.monotonic() > end or not any("no live" in p for p in problems):
+                    break
+                time.sleep(0.5)
+            if problems:
+                return ("error", "; ".join(problems))
+            info = SimInfo(self.size, tuple(layouts.values()), tuple(rank_nodes), self.config.in_flight)
+            addresses = ray.get(self._head.register_simulation.remote(info), timeout=self.config.deadline)
+        except InsituError as exc:
+            return ("error", str(exc))
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            return ("error", f"registering run {self.run!r} failed: {type(cause).__name__}: {cause}")
+        return ("ok", layouts, rank_nodes, addresses)
+
+    def _connect(self, address: str, cfg: Config) -> None:
+        entries = []
+        offset = 0
+        for name in sorted(self._specs):
+            spec = self._specs[name]
+            if not spec.owns_block:
+                continue
+            block = self._layouts[name].block_of(self.rank)
+            entries.append((name, block, spec.shape, spec.dtype.str, offset))
+            offset += align(spec.nbytes)
+        self._staging = StagingFile(cfg.shm_dir, self.run, self.rank, offset, cfg.slots)
+        stride = self._staging.slot_bytes
+        self._views = [
+            {
+                name: np.ndarray(shape, dtype=np.dtype(dt), buffer=self._staging.map, offset=slot * stride + off)
+                for name, _, shape, dt, off in entries
+            }
+            for slot in range(cfg.slots)
+        ]
+        try:
+            self._channel = RankChannel(address, cfg.deadline)
+            self._channel.send((Wire.HELLO, self.rank, self._staging.path, tuple(entries), cfg.slots, stride))
+            got = self._channel.wait_for(
+                lambda ms: any(m[0] in (Wire.WELCOME, Wire.ERROR) for m in ms), time.monotonic() + cfg.deadline
+            )
+        finally:
+            self._staging.unlink()
+        for m in got:
+            if m[0] == Wire.ERROR:
+                raise ContractError(m[1])
+        if not any(m[0] == Wire.WELCOME for m in got):
+            raise StepTimeoutError(
+                f"the node actor of node {self.node[:12]} did not answer rank {self.rank} "
+                f"within {cfg.deadline:.0f} s"
+            )
+        self._handle([m for m in got if m[0] == Wire.STATUS])
+
+    # -- status from the node actor -----------------------------------------------------
+    def _handle(self, messages: list[Any]) -> None:
+        for m in messages:
+            tag = m[0]
+            if tag == Wire.FREE:
+                self._free.append(m[1])
+            elif tag == Wire.STATUS:
+                st: Status = m[1]
+                self._completed_seen = max(self._completed_seen, st.completed)
+                self._state_seen = max(self._state_seen, st.analytics)
+                if st.failure:
+                    self._failure_seen = st.failure
+                for u in st.updates:
+                    self._log[u.version] = u
+            elif tag == Wire.ERROR:
+                self._broken = m[1]
+        if self._channel is not None and self._channel.closed and not self._broken:
+            self._broken = f"lost the connection to the node actor of node {self.node[:12]}"
+
+    def _drain(self, timeout: float = 0.0) -> None:
+        if self._channel is not None and not self._channel.closed:
+            self._handle(self._channel.poll(timeout))
+        else:
+            self._handle([])
+
+    # -- per step -------------------------------------------------------------------------
+    def _check(self, step: Any, arrays: Mapping[str, Any]) -> tuple[int, SendError | None]:
+        try:
+            step = operator.index(step)
+        except TypeError:
+            return 0, SendError(f"step must be an integer; got {type(step).__name__}")
+        if step <= self._last_step:
+            return step, SendError(f"step {step} does not increase (the previous step was {self._last_step})")
+        unknown = sorted(set(arrays) - set(self._specs))
+        if unknown:
+            return step, SendError(f"unknown array(s) {unknown}; declared: {sorted(self._specs)}")
+        for name, spec in self._specs.items():
+            value = arrays.get(name)
+            if not spec.owns_block:
+                if value is not None and np.size(value) != 0:
+                    return step, SendError(f"sent {name!r} although it owns no block of it (send None or omit it)")
+                continue
+            if value is None:
+                return step, SendError(f"array {name!r} is missing (this rank owns block {self._layouts[name].block_of(self.rank)})")
+            if not isinstance(value, np.ndarray):
+                return step, SendError(f"{name!r} must be a numpy.ndarray; got {type(value).__name__}")
+            if value.shape != spec.shape:
+                return step, SendError(
+                    f"sent {name!r} with shape {value.shape}; its declared block is {spec.shape} at {spec.start}"
+                )
+            if value.dtype != spec.dtype:
+                return step, SendError(f"sent {name!r} with dtype {value.dtype}; declared {spec.dtype}")
+        return step, None
+
+    def _reduce(self, step: int, error: bool, timed_out: bool) -> np.ndarray:
+        from mpi4py import MPI
+
+        v = self._vec
+        v[_ERR] = int(error)
+        v[_STEP_MAX] = step
+        v[_STEP_MIN] = -step
+        v[_COMPLETED] = -self._completed_seen
+        v[_VERSION] = -max(self._log, default=0)
+        v[_FAILED] = int(bool(self._broken) or self._state_seen >= AnalyticsState.DETACHED)
+        v[_NO_SLOT] = int(not self._free)
+        v[_TIMED_OUT] = int(timed_out)
+        v[_STATE] = -int(self._state_seen)
+        self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
+        return self._agreed
+
+    def _apply_steering(self, version: int) -> None:
+        while self._applied_version < version:
+            self._applied_version += 1
+            u = self._log.get(self._applied_version)
+            if u is not None:
+                self._values[u.key] = u.value
+
+    def send(self, step: int, **arrays: Any) -> None:
+        """Hand this rank's blocks of ``step`` to the analytics (collective).
+
+        Returns once the caller may reuse its buffers and the data sits in shared
+        memory that outlives this process. Any array may be a view (e.g. the
+        interior of a field with ghost cells); it is copied once.
+
+        Parameters
+        ----------
+        step
+            Step number; must increase from call to call and be equal on all ranks.
+        **arrays
+            One keyword per declared array this rank owns a block of.
+
+        Raises
+        ------
+        SendError
+            Bad input on any rank (same on every rank; nothing published).
+        BackpressureTimeout
+            Policy ``block`` and the analytics did not catch up within the deadline.
+        AnalyticsFailedError
+            Policy ``raise`` and the analytics failed.
+        """
+        if self._closed:
+            raise InsituError("send() on a closed Bridge")
+        step_i, error = self._check(step, arrays)
+        self._drain()
+        agreed = self._reduce(step_i, error is not None, False)
+        if agreed[_ERR] or agreed[_STEP_MAX] != -agreed[_STEP_MIN]:
+            if error is None and agreed[_STEP_MAX] != -agreed[_STEP_MIN] and not agreed[_ERR]:
+                error = SendError(f"ranks passed different steps ({-agreed[_STEP_MIN]} to {agreed[_STEP_MAX]})")
+            report = None if error is None else (self.rank, type(error).__name__, str(error))
+            raise_common(self._comm.allgather(report))
+            raise SendError(f"ranks passed different steps ({-agreed[_STEP_MIN]} to {agreed[_STEP_MAX]})")
+        self._last_step = step_i
+        self._apply_steering(int(-agreed[_VERSION]))
+        if agreed[_FAILED]:
+            self._on_failure()
+            self._dropped += 1
+            return
+        completed = int(-agreed[_COMPLETED])
+        while self._in_flight and self._in_flight[0] <= completed:
+            self._in_flight.popleft()
+        limit = self.config.in_flight
+        if len(self._in_flight) >= limit and self.config.backpressure == Backpressure.SKIP:
+            self._skipped += 1
+            return
+        if len(self._in_flight) >= limit or agreed[_NO_SLOT]:
+            if not self._block(step_i):
+                self._dropped += 1
+                return
+        slot = self._free.pop()
+        views = self._views[slot]
+        for name, view in views.items():
+            np.copyto(view, arrays[name], casting="no")
+        try:
+            assert self._channel is not None
+            self._channel.send((Wire.CHUNKS, step_i, slot))
+        except OSError as exc:
+            self._broken = f"lost the connection to the node actor of node {self.node[:12]}: {exc}"
+        self._in_flight.append(step_i)
+        self._sent += 1
+
+    def _block(self, step: int) -> bool:
+        """Wait (collectively) for a free in-flight slot; ``False`` if the analytics failed meanwhile."""
+        end = time.monotonic() + self.config.deadline
+        limit = self.config.in_flight
+        while True:
+            self._drain(0.005)
+            agreed = self._reduce(step, False, time.monotonic() > end)
+            self._apply_steering(int(-agreed[_VERSION]))
+            if agreed[_FAILED]:
+                self._on_failure()
+                return False
+            completed = int(-agreed[_COMPLETED])
+            while self._in_flight and self._in_flight[0] <= completed:
+                self._in_flight.popleft()
+            if len(self._in_flight) < limit and not agreed[_NO_SLOT]:
+                return True
+            if agreed[_TIMED_OUT]:
+                state = AnalyticsState(int(-agreed[_STATE]))
+                if len(self._in_flight) >= limit:
+                    waiting = (
+                        f"{len(self._in_flight)} steps in flight ({list(self._in_flight)}), the analytics "
+                        f"completed up to step {completed if completed > _NO_STEP else 'none'}, analytics "
+                        f"state {state.name.lower()}"
+                    )
+                else:
+                    waiting = "a node actor did not free a staging slot (node actor overloaded or gone)"
+                raise BackpressureTimeout(
+                    f"run {self.run!r}: step {step} waited {self.config.deadline:.0f} s for back-pressure: "
+                    f"{waiting}"
+                )
+
+    def _on_failure(self) -> None:
+        if not self._failure_message:
+            reason = self._broken or self._failure_seen
+            reports = self._comm.allgather(reason)
+            self._failure_message = next((r for r in reports if r), "the analytics stopped")
+            self._analytics_ok = False
+            if self.config.on_analytics_failure == FailurePolicy.CONTINUE and self.rank == 0:
+                warnings.warn(
+                    f"insitu run {self.run!r}: analytics unavailable ({self._failure_message}); "
+                    "further steps are dropped",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        if self.config.on_analytics_failure == FailurePolicy.RAISE:
+            raise AnalyticsFailedError(f"run {self.run!r}: {self._failure_message}")
+
+    # -- steering and state ----------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        """The steering value ``key`` as agreed at the last ``send`` (never blocks)."""
+        return self._values.get(key, default)
+
+    @property
+    def analytics_ok(self) -> bool:
+        """False once the analytics failed or left (the same on every rank after a send)."""
+        return self._analytics_ok
+
+    @property
+    def stats(self) -> BridgeStats:
+        """Steps sent, skipped (back-pressure) and dropped (analytics failed)."""
+        return BridgeStats(self._sent, self._skipped, self._dropped)
+
+    # -- end -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the stream for this rank (not collective).
+
+        Returns once every step this rank sent is held by its node actor; the data
+        stays readable by the analytics after this process exits.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        problem = None
+        try:
+            if self._channel is not None and not self._channel.closed and not self._broken:
+                self._channel.send((Wire.CLOSE, self._last_step))
+                got = self._channel.wait_for(
+                    lambda ms: any(m[0] in (Wire.CLOSED, Wire.ERROR) for m in ms),
+                    time.monotonic() + self.config.deadline,
+                )
+                if not any(m[0] == Wire.CLOSED for m in got):
+                    problem = (
+                        f"run {self.run!r}: the node actor of node {self.node[:12]} did not confirm rank "
+                        f"{self.rank}'s close within {self.config.deadline:.0f} s"
+                    )
+        except OSError as exc:
+            problem = f"run {self.run!r}: close of rank {self.rank} failed: {exc}"
+        finally:
+            self._release()
+        if problem:
+            raise StepTimeoutError(problem)
+
+    def _release(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._staging is not None:
+            self._views = []
+            self._staging.close()
+            self._staging = None
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+        if self._comm is not None:
+            self._comm.Free()
+            self._comm = None
+
+    def __enter__(self) -> Bridge:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn("insitu.Bridge was not closed; call close() or use 'with'", ResourceWarning, stacklevel=1)

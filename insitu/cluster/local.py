@@ -1,0 +1,258 @@
+"""A private Ray cluster on this host: one head raylet plus extra raylets.
+
+Used by ``insitu demo`` and the tests. Every raylet gets its own loopback IP,
+its own pinned ports, its own temp dir and its own process session, so it never
+touches another Ray on the machine and is stopped by PID (never ``ray stop``).
+
+Examples
+--------
+>>> from insitu.cluster.local import LocalCluster
+>>> with LocalCluster(nodes=2) as cluster:  # doctest: +SKIP
+...     print(cluster.address, cluster.node_ips)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from insitu.errors import StepTimeoutError
+
+__all__ = ["LocalCluster", "auth_environment", "free_port_block", "kill_session"]
+
+log = logging.getLogger(__name__)
+
+_PORTS_PER_NODE = 10
+
+
+def auth_environment(token_path: str | None) -> dict[str, str]:
+    """Environment variables every Ray process of a token-protected cluster needs.
+
+    Examples
+    --------
+    >>> auth_environment("/tmp/tok")["RAY_AUTH_MODE"]
+    'token'
+    >>> auth_environment(None)
+    {}
+    """
+    if not token_path:
+        return {}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int, start: int | None = None, host: str = "127.0.0.1") -> int:
+    """Return the first port of ``size`` consecutive ports that are all free now.
+
+    Parameters
+    ----------
+    size
+        Number of consecutive ports.
+    start
+        Where to start looking; default a random offset in 20000-40000 so that
+        concurrent users rarely collide.
+    """
+    base = start if start is not None else 20000 + secrets.randbelow(200) * 100
+    for candidate in range(base, 60000 - size, size):
+        if all(_port_free(p, host) for p in range(candidate, candidate + size)):
+            return candidate
+    raise OSError(f"no block of {size} free ports between {base} and 60000")
+
+
+def kill_session(sid: int, grace: float = 5.0) -> None:
+    """Terminate every process of session ``sid`` (TERM, then KILL after ``grace`` s)."""
+
+    def members() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            # fields: state ppid pgrp session ...
+            if int(fields[3]) == sid:
+                pids.append(int(entry.name))
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace
+        while time.monotonic() < end and members():
+            time.sleep(0.1)
+        if not members():
+            return
+
+
+@dataclass
+class LocalCluster:
+    """A private multi-raylet Ray cluster on loopback addresses.
+
+    Parameters
+    ----------
+    nodes
+        Number of raylets (the first is the head).
+    cpus_per_node
+        ``--num-cpus`` of every raylet.
+    object_store_bytes
+        ``--object-store-memory`` of every raylet.
+    dashboard
+        Start the dashboard (needed by ``ray.util.state``).
+    token
+        Protect the cluster with a fresh auth token in a 0600 file.
+    base_dir
+        Where temp dirs, logs and the token go (default: a new private dir).
+    """
+
+    nodes: int = 2
+    cpus_per_node: int = 1
+    object_store_bytes: int = 200 * 1024 * 1024
+    dashboard: bool = False
+    token: bool = True
+    base_dir: str | None = None
+    startup_deadline: float = 90.0
+    node_ips: list[str] = field(default_factory=list, init=False)
+    address: str = field(default="", init=False)
+    token_path: str | None = field(default=None, init=False)
+    dashboard_url: str | None = field(default=None, init=False)
+    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False)
+    _owns_dir: bool = field(default=False, init=False)
+
+    def environment(self) -> dict[str, str]:
+        """Variables a client of this cluster needs (address, token)."""
+        env = {"INSITU_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0"}
+        if self.token_path:
+            env["INSITU_AUTH_TOKEN_PATH"] = self.token_path
+            env.update(auth_environment(self.token_path))
+        return env
+
+    def start(self) -> LocalCluster:
+        """Start the head and the extra raylets; return once every raylet listens."""
+        if self.base_dir is None:
+            self.base_dir = tempfile.mkdtemp(prefix="insitu-ray-")
+            self._owns_dir = True
+        base = Path(self.base_dir)
+        base.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        if self.token:
+            tok = base / "auth_token"
+            fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+            self.token_path = str(tok)
+            env.update(auth_environment(self.token_path))
+        else:
+            env["RAY_AUTH_MODE"] = "disabled"
+        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+        if ray_bin is None:
+            raise FileNotFoundError("the 'ray' command is not installed next to this Python")
+        first = free_port_block(_PORTS_PER_NODE * (self.nodes + 1))
+        head_ip = "127.0.0.2"
+        gcs_port = first
+        self.address = f"{head_ip}:{gcs_port}"
+        try:
+            for i in range(self.nodes):
+                ip = f"127.0.0.{2 + i}"
+                self.node_ips.append(ip)
+                p = first + _PORTS_PER_NODE * (i + 1)
+                wmin = free_port_block(40, start=first + 1000 + 100 * i)
+                args = [
+                    ray_bin, "start", "--block", "--disable-usage-stats",
+                    f"--node-ip-address={ip}",
+                    f"--node-manager-port={p}", f"--object-manager-port={p + 1}",
+                    f"--dashboard-agent-listen-port={p + 2}", f"--dashboard-agent-grpc-port={p + 3}",
+                    f"--runtime-env-agent-port={p + 4}", f"--metrics-export-port={p + 5}",
+                    f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 39}",
+                    f"--num-cpus={self.cpus_per_node}",
+                    f"--object-store-memory={self.object_store_bytes}",
+                    f"--temp-dir={base / f'ray-node{i}'}",
+                    f'--resources={{"insitu_test_node{i}": 1}}',
+                ]  # fmt: skip
+                if i == 0:
+                    args += [f"--head", f"--port={gcs_port}", f"--ray-client-server-port={p + 6}"]
+                    if self.dashboard:
+                        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={p + 7}"]  # fmt: skip
+                        self.dashboard_url = f"http://127.0.0.1:{p + 7}"
+                    else:
+                        args += ["--include-dashboard=false"]
+                else:
+                    args += [f"--address={self.address}"]
+                logf = open(base / f"node{i}.log", "wb")  # noqa: SIM115 - owned by the child
+                proc = subprocess.Popen(
+                    args, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+                logf.close()
+                self._procs.append(proc)
+                self._wait_port(ip, gcs_port if i == 0 else p, f"raylet {i} ({ip})", proc, base / f"node{i}.log")
+                if i == 0 and self.dashboard:
+                    self._wait_port("127.0.0.1", p + 7, "dashboard", proc, base / "node0.log")
+        except BaseException:
+            self.stop()
+            raise
+        log.info("local Ray cluster %s with %d raylets under %s", self.address, self.nodes, base)
+        return self
+
+    def _wait_port(self, host: str, port: int, what: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
+        end = time.monotonic() + self.startup_deadline
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                tail = logfile.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up:\n{tail}")
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex((host, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise StepTimeoutError(f"{what} did not listen on {host}:{port} within {self.startup_deadline:.0f} s")
+
+    def stop(self) -> None:
+        """Stop every process this cluster started (by session id), workers last-to-first."""
+        for proc in reversed(self._procs):
+            kill_session(proc.pid)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("raylet process %d did not exit", proc.pid)
+        self._procs.clear()
+        if self._owns_dir and self.base_dir and os.environ.get("INSITU_KEEP_LOGS") != "1":
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def pids(self) -> list[int]:
+        """PIDs of the session leaders (one per raylet)."""
+        return [p.pid for p in self._procs]
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,82 @@
+"""Every exception insitu raises.
+
+Each class also inherits the builtin a user would naturally catch, so
+``except ValueError`` or ``except TimeoutError`` keeps working.
+
+Examples
+--------
+>>> from insitu.errors import ContractError, InsituError
+>>> issubclass(ContractError, ValueError) and issubclass(ContractError, InsituError)
+True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnalyticsFailedError",
+    "BackpressureTimeout",
+    "CallbackError",
+    "ConfigError",
+    "ContractError",
+    "InsituError",
+    "RunNameError",
+    "SendError",
+    "SimulationFailedError",
+    "SteeringValueError",
+    "StepTimeoutError",
+]
+
+
+class InsituError(Exception):
+    """Base class of every insitu exception."""
+
+
+class ConfigError(InsituError, ValueError):
+    """A configuration value (argument or ``INSITU_*`` variable) is invalid."""
+
+
+class RunNameError(ConfigError):
+    """No run name was given and none could be derived from the environment."""
+
+
+class ContractError(InsituError, ValueError):
+    """The arrays declared by the ranks do not form a valid decomposition, or set-up failed.
+
+    Raised identically on every rank of the bridge's communicator.
+    """
+
+
+class SendError(ContractError):
+    """A ``Bridge.send`` call was given bad input (raised identically on every rank).
+
+    Nothing of the step was published; the simulation may catch it and go on.
+    """
+
+
+class SteeringValueError(InsituError, TypeError):
+    """A steering value is not an ``int``, ``float``, ``bool`` or ``str``."""
+
+
+class StepTimeoutError(InsituError, TimeoutError):
+    """A wait passed its deadline; the message names what was missing."""
+
+
+class BackpressureTimeout(StepTimeoutError):
+    """The analytics did not free an in-flight slot before the deadline (policy ``block``)."""
+
+
+class AnalyticsFailedError(InsituError, RuntimeError):
+    """The analytics failed (callback exception or process death) and the policy is ``raise``."""
+
+
+class SimulationFailedError(InsituError, RuntimeError):
+    """A simulation rank died before closing its bridge; raised by ``Analytics.run``."""
+
+
+class CallbackError(InsituError, RuntimeError):
+    """An analytics callback raised; the message names the step and the arrays."""
+
+    def __init__(self, message: str, *, step: int, arrays: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.arrays = arrays

@@ -1,0 +1,166 @@
+"""Chunks to Dask arrays, and insitu's Dask scheduler.
+
+The arrays handed to analytics callbacks have the chunks' object refs as their
+graph leaves: no task per chunk and no copy through the driver. Their
+``.compute()`` inside a callback runs on :class:`NodeScheduler`, which:
+
+1. finds the object refs a task uses (also inside fused tasks) with a pickler's
+   ``persistent_id`` hook, and so the node(s) its data lives on;
+2. sends every group of tasks whose data lives on one node to that node as one
+   Ray task, with the refs as top-level arguments (zero-copy reads there);
+3. runs what combines several nodes (small partial results) in the driver.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import cloudpickle
+import dask
+import dask.array as da
+import dask.core
+import dask.local
+import numpy as np
+import ray
+from dask.highlevelgraph import HighLevelGraph
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from insitu.layout import ArrayLayout
+from insitu.messages import ChunkRef
+
+__all__ = ["NodeScheduler", "make_array"]
+
+
+def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: str) -> da.Array:
+    """The Dask array of one array at one step; graph values are the chunks' object refs.
+
+    The returned array has a ``step`` attribute.
+    """
+    name = f"insitu-{run}-{layout.name}-{step}"
+    graph = {(name, *c.block): c.ref for c in chunks}
+    dtype = np.dtype(layout.dtype)
+    arr = da.Array(
+        HighLevelGraph.from_collections(name, graph, dependencies=[]),
+        name,
+        layout.chunks,
+        dtype=dtype,
+        meta=np.empty((0,) * len(layout.global_shape), dtype=dtype),
+    )
+    arr.step = step  # type: ignore[attr-defined]  # Array instances have a __dict__
+    return arr
+
+
+class _RefPickler(cloudpickle.Pickler):
+    def __init__(self, file: io.BytesIO, refs: list[Any]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.refs = refs
+
+    def persistent_id(self, obj: Any) -> int | None:  # noqa: D102 - pickle hook
+        if isinstance(obj, ray.ObjectRef):
+            self.refs.append(obj)
+            return len(self.refs) - 1
+        return None
+
+
+class _ValueUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, values: Sequence[Any]) -> None:
+        super().__init__(file)
+        self.values = values
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle hook
+        return self.values[pid]
+
+
+def _dump(obj: Any) -> tuple[bytes, list[Any]]:
+    buf = io.BytesIO()
+    refs: list[Any] = []
+    _RefPickler(buf, refs).dump(obj)
+    return buf.getvalue(), refs
+
+
+def _load(payload: bytes, values: Sequence[Any]) -> Any:
+    return _ValueUnpickler(io.BytesIO(payload), values).load()
+
+
+@ray.remote
+def _run_on_node(payload: bytes, out_keys: list[Hashable], *arrays: Any) -> list[Any]:
+    """Run a node-local subgraph next to its chunks (refs arrive as zero-copy arrays)."""
+    graph = _load(payload, arrays)
+    return list(dask.local.get_sync(graph, out_keys))
+
+
+class NodeScheduler:
+    """A Dask ``get`` that runs chunk-local work on the node holding the chunks.
+
+    Parameters
+    ----------
+    where
+        Object-ref hex id to Ray node id, for every chunk the analytics holds.
+    cpus
+        CPUs requested by each node-local Ray task.
+    """
+
+    def __init__(self, where: Mapping[str, str], cpus: float = 1.0) -> None:
+        self._where = where
+        self._cpus = cpus
+        self.remote_calls = 0
+
+    def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        if not isinstance(dsk, Mapping):
+            dsk = dsk.__dask_graph__()
+        graph = dict(dsk)
+        wanted = set(dask.core.flatten(keys)) if isinstance(keys, list) else {keys}
+        order = dask.core.toposort(graph)
+        deps = {k: dask.core.get_dependencies(graph, k) for k in graph}
+        dependents: dict[Hashable, set[Hashable]] = {k: set() for k in graph}
+        for k, ds in deps.items():
+            for d in ds:
+                dependents[d].add(k)
+        payloads: dict[Hashable, tuple[bytes, list[Any]]] = {}
+        nodes: dict[Hashable, frozenset[str]] = {}
+        for key in order:
+            payload, refs = _dump(graph[key])
+            payloads[key] = (payload, refs)
+            own = frozenset(self._where.get(r.hex(), "") for r in refs)
+            nodes[key] = own.union(*(nodes[d] for d in deps[key]))
+        groups: dict[str, list[Hashable]] = {}
+        for key in order:
+            if len(nodes[key]) == 1 and "" not in nodes[key]:
+                groups.setdefault(next(iter(nodes[key])), []).append(key)
+        local_of = {k: n for n, ks in groups.items() for k in ks}
+        futures = []
+        for node, members in groups.items():
+            member_set = set(members)
+            needed = set(members)
+            stack = list(members)
+            while stack:  # node-free helpers (constants) the group depends on
+                for d in deps[stack.pop()]:
+                    if d not in needed and not nodes[d]:
+                        needed.add(d)
+                        stack.append(d)
+            outputs = [k for k in members if k in wanted or dependents[k] - member_set]
+            if not outputs:
+                continue
+            sub = {k: graph[k] for k in needed}
+            payload, refs = _dump(sub)
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+            fut = _run_on_node.options(scheduling_strategy=strategy, num_cpus=self._cpus).remote(
+                payload, outputs, *refs
+            )
+            futures.append((outputs, fut))
+            self.remote_calls += 1
+        cache: dict[Hashable, Any] = {}
+        for outputs, fut in futures:
+            cache.update(zip(outputs, ray.get(fut), strict=True))
+        rest: dict[Hashable, Any] = {}
+        for key in order:
+            if key in local_of:
+                continue
+            payload, refs = payloads[key]
+            rest[key] = _load(payload, ray.get(refs)) if refs else graph[key]
+        for key in cache:
+            rest.pop(key, None)
+        return dask.local.get_sync(rest, keys, cache=cache)

@@ -1,0 +1,146 @@
+"""Small frozen messages that cross process boundaries.
+
+Two channels exist:
+
+* rank <-> node actor: a Unix stream socket on the rank's host carrying
+  :class:`Wire`-tagged tuples (see :mod:`insitu.transport`); the chunk bytes
+  themselves go through a shared-memory staging file.
+* node actor -> head actor -> analytics: Ray actor calls carrying the
+  dataclasses below (object refs inside them are borrowed, never copied).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from insitu.layout import ArrayLayout
+
+__all__ = [
+    "AnalyticsState",
+    "ChunkRef",
+    "EndReason",
+    "NodeStep",
+    "RunEnd",
+    "RunInfo",
+    "SimInfo",
+    "Status",
+    "SteeringUpdate",
+    "StepData",
+    "Waiting",
+    "Wire",
+]
+
+
+class Wire(enum.IntEnum):
+    """Tags of the rank <-> node-actor socket protocol."""
+
+    HELLO = 1  # rank -> node: (HELLO, rank, staging path, arrays, slots, stride)
+    WELCOME = 2  # node -> rank: (WELCOME,)
+    CHUNKS = 3  # rank -> node: (CHUNKS, step, slot)
+    FREE = 4  # node -> rank: (FREE, slot)
+    STATUS = 5  # node -> rank: (STATUS, Status)
+    CLOSE = 6  # rank -> node: (CLOSE, last step)
+    CLOSED = 7  # node -> rank: (CLOSED,)
+    ERROR = 8  # node -> rank: (ERROR, message)
+
+
+class AnalyticsState(enum.IntEnum):
+    """Where the analytics of a run stands (ordered: a larger value never goes back)."""
+
+    PENDING = 0
+    ATTACHED = 1
+    DETACHED = 2
+    FAILED = 3
+
+
+class EndReason(str, enum.Enum):
+    """Why a run's stream ended."""
+
+    CLOSED = "closed"
+    SIMULATION_FAILED = "simulation-failed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringUpdate:
+    """One ``Analytics.set``: applied by the ranks once they agree on ``version``."""
+
+    version: int
+    key: str
+    value: Any
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Head -> node -> ranks: what the analytics completed and what it asks for."""
+
+    completed: int
+    analytics: AnalyticsState
+    updates: tuple[SteeringUpdate, ...] = ()
+    failure: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SimInfo:
+    """What rank 0 registers with the head: layouts and where every rank lives."""
+
+    size: int
+    layouts: tuple[ArrayLayout, ...]
+    rank_nodes: tuple[str, ...]
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """One block of one array at one step, held in the object store of ``node``."""
+
+    array: str
+    block: tuple[int, ...]
+    ref: Any
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStep:
+    """The single message a node actor sends the head per step."""
+
+    node: str
+    step: int
+    chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepData:
+    """A complete step, served to the analytics in step order."""
+
+    step: int
+    chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What the analytics learns when the simulation is known."""
+
+    size: int
+    layouts: tuple[ArrayLayout, ...]
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """End of stream: every step before it has been served."""
+
+    reason: EndReason
+    message: str = ""
+    last_step: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Returned on a poll timeout: what the head is waiting for."""
+
+    description: str
+    missing: dict[str, tuple[int, ...]] = field(default_factory=dict)
