@@ -13,6 +13,7 @@ graph leaves: no task per chunk and no copy through the driver. Their
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from collections.abc import Hashable, Mapping, Sequence
@@ -83,6 +84,10 @@ def _dump(obj: Any) -> tuple[bytes, list[Any]]:
 
 def _load(payload: bytes, values: Sequence[Any]) -> Any:
     return _ValueUnpickler(io.BytesIO(payload), values).load()
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 @ray.remote
@@ -161,6 +166,7 @@ class NodeScheduler:
                 continue
             payload, refs = payloads[key]
             rest[key] = _load(payload, ray.get(refs)) if refs else graph[key]
-        for key in cache:
-            rest.pop(key, None)
-        return dask.local.get_sync(rest, keys, cache=cache)
+        for key, value in cache.items():
+            # a zero-argument legacy task hides the value from dask's graph parsing
+            rest[key] = (functools.partial(_identity, value),)
+        return dask.local.get_sync(rest, keys)

@@ -289,8 +289,10 @@ def _validate_one(name: str, specs: Sequence[ArraySpec]) -> ArrayLayout:
                 )
             pos = hi
         if pos != gshape[axis]:
+            lo, hi = ordered[-1]
             raise ContractError(
-                f"array {name!r}: gap on axis {axis}: no block covers [{pos}, {gshape[axis]})"
+                f"array {name!r}: gap on axis {axis}: no block covers [{pos}, {gshape[axis]}) "
+                f"(last block: {_fmt_ranks(intervals[(lo, hi)])} at [{lo}, {hi}))"
             )
         splits.append(ordered)
     index = [{iv: i for i, iv in enumerate(axis_splits)} for axis_splits in splits]

@@ -78,7 +78,7 @@ def free_port_block(size: int, start: int | None = None, host: str = "127.0.0.1"
     raise OSError(f"no block of {size} free ports between {base} and 60000")
 
 
-def kill_session(sid: int, grace: float = 5.0) -> None:
+def kill_session(sid: int, grace: float = 3.0) -> None:
     """Terminate every process of session ``sid`` (TERM, then KILL after ``grace`` s)."""
 
     def members() -> list[int]:

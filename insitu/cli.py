@@ -1,0 +1,135 @@
+"""``insitu demo | config | debug-info``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from insitu.config import Config
+
+__all__ = ["main", "mpiexec_mpmd", "repo_root"]
+
+
+def repo_root() -> Path:
+    """The checkout holding ``sim_adapters/`` and ``analytics/`` (insitu is installed editable)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "sim_adapters" / "python" / "heat2d.py").is_file():
+        raise FileNotFoundError(
+            f"the examples are not next to the package ({root}); run 'pip install -e .' from a clone of insitu"
+        )
+    return root
+
+
+def mpiexec_mpmd(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
+    """An ``mpiexec`` command line that gives each block of ranks its node's ``INSITU_NODE``.
+
+    Ranks are spread in contiguous blocks over ``node_ips`` (as a launcher places them).
+
+    Examples
+    --------
+    >>> mpiexec_mpmd(3, ["127.0.0.2", "127.0.0.3"], ["python", "sim.py"])[1:6]
+    ['-n', '2', '-env', 'INSITU_NODE', '127.0.0.2']
+    """
+    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        raise FileNotFoundError("mpiexec not found: pip install 'insitu[mpich]' or load your site MPI")
+    cmd = [exe]
+    per, extra = divmod(ranks, len(node_ips))
+    for i, ip in enumerate(node_ips):
+        n = per + (1 if i < extra else 0)
+        if n == 0:
+            continue
+        if len(cmd) > 1:
+            cmd.append(":")
+        cmd += ["-n", str(n), "-env", "INSITU_NODE", ip, *argv]
+    return cmd
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from insitu.cluster.local import LocalCluster
+
+    root = repo_root()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = f"demo-{secrets.token_hex(3)}"
+    print(f"insitu demo: run {run}, {args.ranks} ranks on {args.nodes} raylets, output in {out}", flush=True)
+    t0 = time.monotonic()
+    procs: list[subprocess.Popen[bytes]] = []
+    with LocalCluster(nodes=args.nodes, cpus_per_node=1) as cluster:
+        print(f"insitu demo: private Ray cluster {cluster.address} up in {time.monotonic() - t0:.1f} s "
+              f"(token {cluster.token_path})", flush=True)  # fmt: skip
+        env = dict(os.environ)
+        env.update(cluster.environment())
+        env["INSITU_RUN"] = run
+        env["INSITU_DEADLINE"] = str(args.deadline)
+        env["INSITU_RECLAIM_DEADLINE"] = "30"
+        py = sys.executable
+        ana = [py, str(root / "analytics" / "heat_stats.py"), "--out", str(out), "--threshold", str(args.threshold),
+               "--png-every", str(args.png_every), "--total-steps", str(args.steps),
+               "--print-every", str(args.print_every)]  # fmt: skip
+        sim = [py, str(root / "sim_adapters" / "python" / "heat2d.py"), "--nx", str(args.nx), "--ny", str(args.ny),
+               "--steps", str(args.steps)]  # fmt: skip
+        try:
+            procs.append(subprocess.Popen(ana, env=env))
+            procs.append(subprocess.Popen(mpiexec_mpmd(args.ranks, cluster.node_ips, sim), env=env))
+            end = time.monotonic() + args.deadline + args.steps
+            codes = []
+            for p in procs:
+                codes.append(p.wait(timeout=max(1.0, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            print("insitu demo: timed out waiting for the simulation and analytics", file=sys.stderr)
+            codes = [1]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    pngs = sorted(out.glob("*.png"))
+    ok = all(c == 0 for c in codes)
+    print(f"insitu demo: {'done' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s; {len(pngs)} PNGs, "
+          f"stats in {out / 'stats.json'}; cluster torn down", flush=True)  # fmt: skip
+    return 0 if ok else 1
+
+
+def _config(args: argparse.Namespace) -> int:
+    cfg = Config.from_env()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        value = value.value if hasattr(value, "value") else value
+        print(f"INSITU_{f.name.upper():22} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``insitu`` command."""
+    p = argparse.ArgumentParser(prog="insitu", description="in-situ analytics for MPI simulations")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="heat2d on 4 MPI ranks with in-situ statistics on a private local Ray cluster")
+    d.add_argument("--ranks", type=int, default=4)
+    d.add_argument("--nodes", type=int, default=2, help="raylets of the private cluster")
+    d.add_argument("--nx", type=int, default=192)
+    d.add_argument("--ny", type=int, default=192)
+    d.add_argument("--steps", type=int, default=400)
+    d.add_argument("--threshold", type=float, default=50.0, help="stop once the plate's max falls below this")
+    d.add_argument("--png-every", type=int, default=50)
+    d.add_argument("--print-every", type=int, default=10)
+    d.add_argument("--deadline", type=float, default=120.0)
+    d.add_argument("--out", default="insitu-demo-output")
+    d.set_defaults(fn=_demo)
+    c = sub.add_parser("config", help="print the effective configuration (INSITU_* variables)")
+    c.set_defaults(fn=_config)
+    i = sub.add_parser("debug-info", help="versions of everything, for bug reports")
+    i.set_defaults(fn=lambda _: (__import__("insitu").print_debug_info(), 0)[1])
+    args = p.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Shared fixtures: one private multi-raylet Ray cluster per session, MPI launch helpers.
+
+Ray reads its auth settings at import, so the token path is fixed here, before
+anything imports ray, and the session's cluster writes its token there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM = ROOT / "tests" / "sims" / "sim.py"
+_BASE = Path(tempfile.mkdtemp(prefix="insitu-test-"))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_BASE / "auth_token")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+NODES = 2
+
+
+@dataclass
+class SimResult:
+    """What one mpiexec run printed, parsed."""
+
+    returncode: int
+    events: list[dict[str, Any]]
+    stdout: str
+    stderr: str
+
+    def by_rank(self, event: str) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for e in self.events:
+            if e["event"] == event:
+                out.setdefault(e["rank"], []).append(e)
+        return out
+
+    def one(self, event: str) -> dict[int, dict[str, Any]]:
+        got = self.by_rank(event)
+        return {r: v[-1] for r, v in got.items()}
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """A head raylet and one more on loopback addresses, with the dashboard for the state API."""
+    from insitu.cluster.local import LocalCluster
+
+    c = LocalCluster(nodes=NODES, cpus_per_node=2, dashboard=True, base_dir=str(_BASE), object_store_bytes=300 << 20)
+    c.start()
+    os.environ.update(c.environment())
+    import ray
+
+    ray.init(address=c.address, namespace="insitu", logging_level="WARNING", configure_logging=False,
+             log_to_driver=False)  # fmt: skip
+    end = time.monotonic() + 60
+    while len([n for n in ray.nodes() if n["Alive"]]) < NODES:
+        if time.monotonic() > end:
+            raise TimeoutError(f"only {len(ray.nodes())} of {NODES} raylets joined within 60 s")
+        time.sleep(0.2)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.stop()
+
+
+def run_name(tag: str) -> str:
+    """A fresh run name per test."""
+    return f"t-{tag}-{secrets.token_hex(3)}"
+
+
+def mpi_command(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
+    """mpiexec with contiguous blocks of ranks per raylet (INSITU_NODE set per block)."""
+    from insitu.cli import mpiexec_mpmd
+
+    return mpiexec_mpmd(ranks, node_ips, argv)
+
+
+def start_sim(cluster: Any, ranks: int, options: dict[str, Any], env: dict[str, str] | None = None,
+              script: Path = SIM, nodes: list[str] | None = None) -> subprocess.Popen[str]:  # fmt: skip
+    """Start the test simulation under mpiexec in its own process group."""
+    full = dict(os.environ)
+    full.update(cluster.environment())
+    full.setdefault("INSITU_DEADLINE", "60")
+    full.setdefault("INSITU_RECLAIM_DEADLINE", "20")
+    full.update(env or {})
+    options = {**options, "events": tempfile.mkdtemp(prefix="events-", dir=_BASE)}
+    argv = [sys.executable, str(script), json.dumps(options)]
+    cmd = mpi_command(ranks, nodes or cluster.node_ips, argv)
+    proc = subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    proc.events_dir = options["events"]  # type: ignore[attr-defined]
+    return proc
+
+
+def finish_sim(proc: subprocess.Popen[str], timeout: float = 120) -> SimResult:
+    """Wait for a simulation; kill its process group if it overruns."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"simulation did not finish within {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    events = []
+    for path in sorted(Path(proc.events_dir).glob("rank*.jsonl")):  # type: ignore[attr-defined]
+        events += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return SimResult(proc.returncode, events, out, err)
+
+
+def run_sim(cluster: Any, ranks: int, options: dict[str, Any], env: dict[str, str] | None = None,
+            timeout: float = 120) -> SimResult:  # fmt: skip
+    """Start and finish a simulation."""
+    return finish_sim(start_sim(cluster, ranks, options, env), timeout)
+
+
+def expected_field(step: int, shape: tuple[int, ...], dtype: str = "f8") -> Any:
+    """The global field the test simulation sends at ``step``."""
+    import numpy as np
+
+    return (1000 * step + np.arange(int(np.prod(shape))).reshape(shape)).astype(dtype)
+
+
+def wait_gone(run: str, timeout: float = 30.0) -> bool:
+    """Wait until the head actor of ``run`` no longer exists."""
+    import ray
+
+    from insitu.actors.head import head_name
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            ray.get_actor(head_name(run), namespace="insitu")
+        except ValueError:
+            return True
+        time.sleep(0.25)
+    return False

@@ -1,0 +1,29 @@
+"""Test analytics in its own process: prints one JSON line per step; can park forever."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import insitu
+
+
+def main() -> int:
+    opt = json.loads(sys.argv[1])
+    analytics = insitu.Analytics(run=opt["run"])
+
+    @analytics.on_step("u")
+    def step(s: int, u: list) -> None:
+        mean = float(u[0].mean().compute())
+        print(json.dumps({"step": s, "mean": mean}), flush=True)
+        if opt.get("park_at") is not None and s >= opt["park_at"]:
+            time.sleep(3600)
+
+    summary = analytics.run()
+    print(json.dumps({"done": summary.steps}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
