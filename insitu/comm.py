@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,6 +105,7 @@ def connect_ray(config: Config) -> bool:
         )
     for key, value in env.items():
         os.environ.setdefault(key, value)
+    _wait_reachable(address, config.deadline)
     import ray
 
     if ray.is_initialized():
@@ -115,6 +118,25 @@ def connect_ray(config: Config) -> bool:
         log_to_driver=False,
     )
     return True
+
+
+def _wait_reachable(address: str, deadline: float) -> None:
+    """Wait until the GCS port accepts connections (Ray's own connect retries far longer)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address must be host:port; got {address!r}")
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, deadline)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= end:
+                raise ConnectionError(
+                    f"nothing accepts connections at {address} after {deadline:.0f} s ({exc}); is the Ray "
+                    "cluster up, and is INSITU_ADDRESS its GCS address?"
+                ) from None
+            time.sleep(0.25)
 
 
 def resolve_nodes(settings: Sequence[str | None]) -> tuple[list[str], list[str]]:

@@ -98,20 +98,24 @@ def start_sim(cluster: Any, ranks: int, options: dict[str, Any], env: dict[str, 
     options = {**options, "events": tempfile.mkdtemp(prefix="events-", dir=_BASE)}
     argv = [sys.executable, str(script), json.dumps(options)]
     cmd = mpi_command(ranks, nodes or cluster.node_ips, argv)
-    proc = subprocess.Popen(cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    logs = Path(options["events"])
+    with open(logs / "stdout.txt", "w") as out, open(logs / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, env=full, stdout=out, stderr=err, text=True, start_new_session=True)
     proc.events_dir = options["events"]  # type: ignore[attr-defined]
     return proc
 
 
 def finish_sim(proc: subprocess.Popen[str], timeout: float = 120) -> SimResult:
     """Wait for a simulation; kill its process group if it overruns."""
+    logs = Path(proc.events_dir)  # type: ignore[attr-defined]
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        proc.wait()
+        out, err = (logs / "stdout.txt").read_text(), (logs / "stderr.txt").read_text()
         pytest.fail(f"simulation did not finish within {timeout} s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    out, err = (logs / "stdout.txt").read_text(), (logs / "stderr.txt").read_text()
     events = []
     for path in sorted(Path(proc.events_dir).glob("rank*.jsonl")):  # type: ignore[attr-defined]
         events += [json.loads(line) for line in path.read_text().splitlines() if line]

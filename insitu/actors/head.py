@@ -133,7 +133,7 @@ class HeadActor:
         self._wake()
         return dict(zip(self._nodes, addresses, strict=True))
 
-    def node_step(self, msg: NodeStep) -> None:
+    async def node_step(self, msg: NodeStep) -> None:
         """One node delivered one step (called once per node per step)."""
         self._messages[msg.node] += 1
         if self._end is not None or self._analytics >= AnalyticsState.DETACHED:
@@ -147,19 +147,19 @@ class HeadActor:
             self._steps_assembled += 1
             self._wake()
 
-    def node_closed(self, node: str, last_step: int) -> None:
+    async def node_closed(self, node: str, last_step: int) -> None:
         """Every rank of ``node`` closed its bridge."""
         self._closed_nodes[node] = last_step
         if len(self._closed_nodes) == len(self._nodes):
             self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_nodes.values())))
 
-    def rank_failed(self, node: str, rank: int) -> None:
+    async def rank_failed(self, node: str, rank: int) -> None:
         """A rank disconnected without closing (crash, kill)."""
         self._finish(
             RunEnd(EndReason.SIMULATION_FAILED, f"simulation rank {rank} (node {node[:12]}) died before closing")
         )
 
-    def abort(self, reason: str) -> None:
+    async def abort(self, reason: str) -> None:
         """The simulation gave up during set-up: reclaim at once."""
         self._finish(RunEnd(EndReason.ABORTED, reason))
         self._teardown()
@@ -243,19 +243,19 @@ class HeadActor:
             return f"step {step} of run {self._run!r} is incomplete: waiting for {miss}"
         return f"run {self._run!r}: no step sent since the last one (simulation busy or stalled)"
 
-    def done(self, step: int) -> None:
+    async def done(self, step: int) -> None:
         """The analytics finished every callback of ``step``."""
         self._completed = max(self._completed, step)
         self._last_poll = time.monotonic()
         self._push()
 
-    def set(self, key: str, value: Any, step: int) -> int:
+    async def set(self, key: str, value: Any, step: int) -> int:
         """Record a steering value; returns its version."""
         self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
         self._push()
         return len(self._updates)
 
-    def fail(self, message: str) -> None:
+    async def fail(self, message: str) -> None:
         """The analytics reports a failure (callback exception)."""
         self._fail_analytics(message)
 
@@ -267,7 +267,7 @@ class HeadActor:
         self._push()
         self._wake()
 
-    def detach(self) -> None:
+    async def detach(self) -> None:
         """The analytics is done with this run."""
         if self._analytics == AnalyticsState.ATTACHED:
             self._analytics = AnalyticsState.DETACHED
@@ -275,7 +275,7 @@ class HeadActor:
             self._ready.clear()
             self._push()
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks."""
         return {
             "messages": dict(self._messages),

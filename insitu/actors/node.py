@@ -67,11 +67,11 @@ class NodeActor:
         self._server = await asyncio.start_unix_server(self._serve, path=address)
         return address
 
-    def node_id(self) -> str:
+    async def node_id(self) -> str:
         """The Ray node this actor runs on (for tests)."""
         return ray.get_runtime_context().get_node_id()
 
-    def update(self, status: Status) -> None:
+    async def update(self, status: Status) -> None:
         """Receive a status from the head and forward it to every connected rank."""
         self._history.extend(status.updates)
         self._status = status
@@ -80,7 +80,7 @@ class NodeActor:
             if not st.closed:
                 st.writer.write(frame)
 
-    def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, int]:
         """Messages sent to the head and steps still waiting for local ranks."""
         return {"messages": self._messages, "pending": len(self._pending)}
 

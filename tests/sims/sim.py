@@ -53,12 +53,11 @@ def main() -> int:
         base, extra = divmod(n, dims[axis])
         local.append(base + (1 if coords[axis] < extra else 0))
     layout = opt.get("layout")
+    spec = insitu.ArraySpec.from_cart("u", cart, local, dtype)  # collective: every rank calls it
     if layout == "overlap" and rank == size - 1 and size > 1:
         spec = insitu.ArraySpec("u", gshape, dtype, start=(0,) * len(gshape), shape=tuple(local))
     elif layout == "dtype" and rank == 1:
-        spec = insitu.ArraySpec.from_cart("u", cart, local, "f4")
-    else:
-        spec = insitu.ArraySpec.from_cart("u", cart, local, dtype)
+        spec = insitu.ArraySpec("u", gshape, "f4", start=spec.start, shape=spec.shape)
     extra_specs = []
     if opt.get("empty_array"):
         # a second array of which only rank 0 owns a (whole) block
