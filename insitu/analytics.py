@@ -99,6 +99,8 @@ class Analytics:
         self._owns_ray = False
         self._where: dict[str, str] = {}
         self._step: int | None = None
+        self._in_callback = False
+        self._sets: list[tuple[str, Any]] = []
         self.info: RunInfo | None = None
 
     def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -132,7 +134,10 @@ class Analytics:
             )
         if self._head is None:
             raise ContractError("Analytics.set is available while run() is running")
-        self._head.set.remote(key, value, -1 if self._step is None else self._step)
+        if self._in_callback:
+            self._sets.append((key, value))  # sent with the step's completion
+        else:
+            self._head.set.remote(key, value, -1 if self._step is None else self._step)
 
     # -- run loop ---------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -170,6 +175,8 @@ class Analytics:
         got = ray.get(self._head.run_info.remote(self.config.deadline), timeout=self.config.deadline + 30)
         if isinstance(got, Waiting):
             raise StepTimeoutError(f"waited {self.config.deadline:.0f} s: {got.description}")
+        if isinstance(got, RunEnd):
+            raise SimulationFailedError(f"run {self.run_name!r}: {got.message or got.reason.value}")
         return got
 
     def _check_arrays(self, info: RunInfo) -> None:
@@ -224,6 +231,7 @@ class Analytics:
             if len(cb.history) < cb.window:
                 continue
             kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
+            self._in_callback = True
             try:
                 with dask.config.set(scheduler=scheduler):
                     cb.fn(data.step, **kwargs)
@@ -234,7 +242,10 @@ class Analytics:
                 )
                 self._head.fail.remote(message + "\n" + traceback.format_exc(limit=5))
                 raise CallbackError(message, step=data.step, arrays=cb.arrays) from exc
-        self._head.done.remote(data.step)
+            finally:
+                self._in_callback = False
+        self._head.done.remote(data.step, tuple(self._sets))
+        self._sets.clear()
         self._prune()
 
     def _prune(self) -> None:

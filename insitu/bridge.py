@@ -157,6 +157,8 @@ class Bridge:
         result = self._setup_root(gathered) if self.rank == 0 else None
         result = self._comm.bcast(result, root=0)
         if result[0] == "error":
+            if self.rank == 0:
+                self._abort(result[1], registered=False)
             self._release()
             raise ContractError(result[1])
         _, layouts, rank_nodes, addresses = result
@@ -187,13 +189,24 @@ class Bridge:
         try:
             agree(self._comm, local)
         except InsituError:
-            if self.rank == 0 and self._head is not None:
-                self._head.abort.remote("simulation set-up failed")
+            if self.rank == 0:
+                self._abort("a rank could not reach its node actor", registered=True)
             self._release()
             raise
         self._closed = False
 
     # -- set-up ------------------------------------------------------------------------
+    def _abort(self, reason: str, registered: bool) -> None:
+        """Rank 0: tell the head the set-up failed, so the run is reclaimed now."""
+        if self._head is None:
+            return
+        import ray
+
+        try:
+            ray.get(self._head.abort.remote(reason, registered), timeout=10)
+        except Exception as exc:  # best effort: the head's own watchdog reclaims it anyway
+            log.warning("could not abort run %s on its head actor: %s", getattr(self, "run", "?"), exc)
+
     def _setup_root(self, gathered: list[Any]) -> tuple[Any, ...]:
         errors = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
         if errors:

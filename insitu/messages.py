@@ -81,6 +81,8 @@ class Status:
     analytics: AnalyticsState
     updates: tuple[SteeringUpdate, ...] = ()
     failure: str = ""
+    seq: int = 0
+    """Push number: node actors apply statuses in this order (Ray may reorder async actor calls)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,8 @@ class NodeStep:
     node: str
     step: int
     chunks: tuple[ChunkRef, ...]
+    seq: int = 0
+    """Per-node message number: the head handles a node's messages in this order."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,9 @@ class HeadActor:
         self._failure = ""
         self._updates: list[SteeringUpdate] = []
         self._pushed = 0
+        self._seq = 0
+        self._sent_by_node: dict[str, int] = {}
+        self._early: dict[str, dict[int, NodeStep]] = {}
         self._closed_nodes: dict[str, int] = {}
         self._end: RunEnd | None = None
         self._messages: Counter[str] = Counter()
@@ -86,9 +89,10 @@ class HeadActor:
 
     def _status(self, full: bool = False) -> Status:
         updates = tuple(self._updates if full else self._updates[self._pushed :])
-        return Status(self._completed, self._analytics, updates, self._failure)
+        return Status(self._completed, self._analytics, updates, self._failure, self._seq)
 
     def _push(self) -> None:
+        self._seq += 1
         status = self._status()
         self._pushed = len(self._updates)
         for node in self._nodes.values():
@@ -135,6 +139,12 @@ class HeadActor:
 
     async def node_step(self, msg: NodeStep) -> None:
         """One node delivered one step (called once per node per step)."""
+        early = self._early.setdefault(msg.node, {})
+        early[msg.seq] = msg
+        while self._messages[msg.node] in early:  # a node's steps are handled in its own order
+            self._handle_step(early.pop(self._messages[msg.node]))
+
+    def _handle_step(self, msg: NodeStep) -> None:
         self._messages[msg.node] += 1
         if self._end is not None or self._analytics >= AnalyticsState.DETACHED:
             return  # dropped: nobody will read it
@@ -146,11 +156,20 @@ class HeadActor:
             self._ready.append(StepData(msg.step, chunks))
             self._steps_assembled += 1
             self._wake()
+        if self._sent_by_node:
+            self._maybe_closed()
 
-    async def node_closed(self, node: str, last_step: int) -> None:
-        """Every rank of ``node`` closed its bridge."""
+    async def node_closed(self, node: str, last_step: int, messages: int) -> None:
+        """Every rank of ``node`` closed its bridge after ``messages`` step messages."""
         self._closed_nodes[node] = last_step
-        if len(self._closed_nodes) == len(self._nodes):
+        self._sent_by_node[node] = messages
+        self._maybe_closed()
+
+    def _maybe_closed(self) -> None:
+        # Ray may run a node's close before its last step messages: end only once all arrived
+        if len(self._closed_nodes) == len(self._nodes) and all(
+            self._messages[n] >= sent for n, sent in self._sent_by_node.items()
+        ):
             self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_nodes.values())))
 
     async def rank_failed(self, node: str, rank: int) -> None:
@@ -159,10 +178,19 @@ class HeadActor:
             RunEnd(EndReason.SIMULATION_FAILED, f"simulation rank {rank} (node {node[:12]}) died before closing")
         )
 
-    async def abort(self, reason: str) -> None:
-        """The simulation gave up during set-up: reclaim at once."""
-        self._finish(RunEnd(EndReason.ABORTED, reason))
-        self._teardown()
+    async def ping(self) -> None:
+        """Start the reclamation watchdog (called once by whoever gets the handle)."""
+        self._ensure_watchdog()
+
+    async def abort(self, reason: str, registered: bool) -> None:
+        """The simulation gave up during set-up: reclaim at once.
+
+        ``registered`` says whether the caller's own registration succeeded; an abort
+        from a simulation that never registered leaves another simulation's run alone.
+        """
+        if registered or self._sim is None:
+            self._finish(RunEnd(EndReason.ABORTED, f"the simulation's set-up failed: {reason}"))
+            asyncio.get_running_loop().call_later(1.0, self._teardown)  # a waiting analytics reads the end first
 
     # -- analytics side --------------------------------------------------------------
     async def attach(self, link: Any) -> None:
@@ -183,12 +211,12 @@ class HeadActor:
         if self._analytics == AnalyticsState.ATTACHED:
             self._fail_analytics("the analytics process died")
 
-    async def run_info(self, timeout: float) -> RunInfo | Waiting:
+    async def run_info(self, timeout: float) -> RunInfo | RunEnd | Waiting:
         """The simulation's layouts, waiting up to ``timeout`` s for it to register."""
         end = time.monotonic() + timeout
         while self._sim is None or not self._nodes:
             if self._end is not None:
-                return Waiting(f"run {self._run!r} ended before a simulation registered")
+                return self._end
             left = end - time.monotonic()
             if left <= 0:
                 return Waiting(f"no simulation has registered run {self._run!r} yet")
@@ -243,14 +271,20 @@ class HeadActor:
             return f"step {step} of run {self._run!r} is incomplete: waiting for {miss}"
         return f"run {self._run!r}: no step sent since the last one (simulation busy or stalled)"
 
-    async def done(self, step: int) -> None:
-        """The analytics finished every callback of ``step``."""
+    async def done(self, step: int, sets: tuple[tuple[str, Any], ...] = ()) -> None:
+        """The analytics finished every callback of ``step``, which set ``sets``.
+
+        Steering values set during a step travel with its completion, so a rank that
+        sees the step completed also sees them (one status push for both).
+        """
+        for key, value in sets:
+            self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
         self._completed = max(self._completed, step)
         self._last_poll = time.monotonic()
         self._push()
 
     async def set(self, key: str, value: Any, step: int) -> int:
-        """Record a steering value; returns its version."""
+        """Record a steering value outside a callback; returns its version."""
         self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
         self._push()
         return len(self._updates)
@@ -324,9 +358,11 @@ class HeadActor:
 
 def get_or_create_head(run: str, config: Config) -> Any:
     """Return the head actor of ``run``, creating it if needed (atomic across processes)."""
-    return HeadActor.options(
+    head = HeadActor.options(
         name=head_name(run),
         namespace=config.namespace,
         lifetime="detached",
         get_if_exists=True,
     ).remote(run, config)
+    head.ping.remote()
+    return head

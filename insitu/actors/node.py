@@ -57,12 +57,16 @@ class NodeActor:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="insitu-put")
         self._server: asyncio.AbstractServer | None = None
         self._messages = 0
+        self._early: dict[int, Status] = {}
+        self._next_seq = 0
         self._last_step = -1
 
     async def start(self, status: Status) -> str:
         """Open the rank socket (abstract Unix namespace) and return its address."""
         self._status = status
         self._history = list(status.updates)
+        self._next_seq = status.seq + 1
+        self._apply_statuses()
         address = f"\0insitu-{self._run}-{self._node[:12]}-{uuid.uuid4().hex[:8]}"
         self._server = await asyncio.start_unix_server(self._serve, path=address)
         return address
@@ -72,13 +76,22 @@ class NodeActor:
         return ray.get_runtime_context().get_node_id()
 
     async def update(self, status: Status) -> None:
-        """Receive a status from the head and forward it to every connected rank."""
-        self._history.extend(status.updates)
-        self._status = status
-        frame = encode_frame((Wire.STATUS, status))
-        for st in self._ranks.values():
-            if not st.closed:
-                st.writer.write(frame)
+        """Receive a status from the head and forward it to every connected rank, in push order."""
+        self._early[status.seq] = status
+        self._apply_statuses()
+
+    def _apply_statuses(self) -> None:
+        for seq in [q for q in self._early if q < self._next_seq]:
+            del self._early[seq]
+        while self._next_seq in self._early:
+            status = self._early.pop(self._next_seq)
+            self._next_seq += 1
+            self._history.extend(status.updates)
+            self._status = status
+            frame = encode_frame((Wire.STATUS, status))
+            for st in self._ranks.values():
+                if not st.closed:
+                    st.writer.write(frame)
 
     async def stats(self) -> dict[str, int]:
         """Messages sent to the head and steps still waiting for local ranks."""
@@ -105,7 +118,7 @@ class NodeActor:
                     writer.write(encode_frame((Wire.CLOSED,)))
                     await writer.drain()
                     if all(s.closed for s in self._ranks.values()) and len(self._ranks) == len(self._expected):
-                        self._head.node_closed.remote(self._node, self._last_step)
+                        self._head.node_closed.remote(self._node, self._last_step, self._messages)
                     return
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -158,5 +171,5 @@ class NodeActor:
         if len(have) == len(self._expected):
             del self._pending[step]
             allchunks = tuple(c for r in sorted(have) for c in have[r])
-            self._head.node_step.remote(NodeStep(self._node, step, allchunks))
+            self._head.node_step.remote(NodeStep(self._node, step, allchunks, self._messages))
             self._messages += 1

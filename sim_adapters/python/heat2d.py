@@ -36,7 +36,7 @@ def initial_field(nx: int, ny: int, x0: int, y0: int, lx: int, ly: int) -> np.nd
     u = np.zeros((lx + 2, ly + 2))
     gx = np.arange(x0, x0 + lx)[:, None]
     gy = np.arange(y0, y0 + ly)[None, :]
-    hot = (abs(gx - nx / 2) < nx / 4) & (abs(gy - ny / 2) < ny / 4)
+    hot = (abs(gx - nx / 2) < nx / 16) & (abs(gy - ny / 2) < ny / 16)
     u[1:-1, 1:-1] = np.where(hot, 100.0, 0.0)
     return u
 
