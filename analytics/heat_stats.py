@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             to_png(u.compute(), args.out / f"temperature_{step:05d}.png")
         if step % args.print_every == 0:
             rate = stats[step].get("dmean_dt")
+            shown = "     n/a" if rate is None else format(rate, "+.2e")
             print(
-                f"step {step:6d} | min {lo:8.3f} | mean {mean:8.4f} | max {hi:8.3f} | d(mean)/dt {'     n/a' if rate is None else format(rate, '+.2e')} "
+                f"step {step:6d} | min {lo:8.3f} | mean {mean:8.4f} | max {hi:8.3f} | d(mean)/dt {shown} "
                 f"| {time.monotonic() - started:6.1f} s {bar(step + 1, args.total_steps)}",
                 flush=True,
             )

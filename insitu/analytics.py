@@ -91,7 +91,9 @@ class Analytics:
         self, run: str | None = None, address: str | None = None, *, config: Config | None = None, **overrides: Any
     ) -> None:
         base = config or Config.from_env()
-        self.config = base.replace(address=address or base.address, **{k: v for k, v in overrides.items() if v is not None})
+        self.config = base.replace(
+            address=address or base.address, **{k: v for k, v in overrides.items() if v is not None}
+        )
         self.run_name = resolve_run(run, self.config)
         self._callbacks: list[_Callback] = []
         self._head: Any = None
@@ -218,7 +220,9 @@ class Analytics:
         for c in data.chunks:
             by_array.setdefault(c.array, []).append(c)
             self._where[c.ref.hex()] = c.node
-        arrays = {lay.name: make_array(lay, data.step, by_array.get(lay.name, []), self.run_name) for lay in self.info.layouts}
+        arrays = {
+            lay.name: make_array(lay, data.step, by_array.get(lay.name, []), self.run_name) for lay in self.info.layouts
+        }
         self._step = data.step
         if self.config.scheduler == Scheduler.INSITU:
             scheduler: Any = NodeScheduler(self._where, self.config.compute_cpus)

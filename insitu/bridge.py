@@ -154,7 +154,7 @@ class Bridge:
             getattr(self, "run", None),
         )
         gathered = self._comm.gather(mine, root=0)
-        result = self._setup_root(gathered) if self.rank == 0 else None
+        result = self._setup_root(gathered) if self.rank == 0 else None  # type: ignore[arg-type]
         result = self._comm.bcast(result, root=0)
         if result[0] == "error":
             if self.rank == 0:
@@ -215,7 +215,9 @@ class Bridge:
         if len(names) > 1:
             return ("error", f"ranks disagree on the run name: {sorted(names)}")
         try:
-            per_rank = [{n: ArraySpec(n, s[1], s[2], start=s[3], shape=s[4]) for n, s in g[1].items()} for g in gathered]
+            per_rank = [
+                {n: ArraySpec(n, s[1], s[2], start=s[3], shape=s[4]) for n, s in g[1].items()} for g in gathered
+            ]
             layouts = validate_layout(per_rank)
         except ContractError as exc:
             return ("error", str(exc))
@@ -240,13 +242,14 @@ class Bridge:
         return ("ok", layouts, rank_nodes, addresses)
 
     def _connect(self, address: str, cfg: Config) -> None:
-        entries = []
+        entries: list[tuple[str, Any, tuple[int, ...], str, int]] = []
         offset = 0
         for name in sorted(self._specs):
             spec = self._specs[name]
             if not spec.owns_block:
                 continue
             block = self._layouts[name].block_of(self.rank)
+            assert spec.shape is not None  # owns_block
             entries.append((name, block, spec.shape, spec.dtype.str, offset))
             offset += align(spec.nbytes)
         self._staging = StagingFile(cfg.shm_dir, self.run, self.rank, offset, cfg.slots)
@@ -271,8 +274,7 @@ class Bridge:
                 raise ContractError(m[1])
         if not any(m[0] == Wire.WELCOME for m in got):
             raise StepTimeoutError(
-                f"the node actor of node {self.node[:12]} did not answer rank {self.rank} "
-                f"within {cfg.deadline:.0f} s"
+                f"the node actor of node {self.node[:12]} did not answer rank {self.rank} within {cfg.deadline:.0f} s"
             )
         self._handle([m for m in got if m[0] == Wire.STATUS])
 
@@ -319,7 +321,9 @@ class Bridge:
                     return step, SendError(f"sent {name!r} although it owns no block of it (send None or omit it)")
                 continue
             if value is None:
-                return step, SendError(f"array {name!r} is missing (this rank owns block {self._layouts[name].block_of(self.rank)})")
+                return step, SendError(
+                    f"array {name!r} is missing (this rank owns block {self._layouts[name].block_of(self.rank)})"
+                )
             if not isinstance(value, np.ndarray):
                 return step, SendError(f"{name!r} must be a numpy.ndarray; got {type(value).__name__}")
             if value.shape != spec.shape:
@@ -443,8 +447,7 @@ class Bridge:
                 else:
                     waiting = "a node actor did not free a staging slot (node actor overloaded or gone)"
                 raise BackpressureTimeout(
-                    f"run {self.run!r}: step {step} waited {self.config.deadline:.0f} s for back-pressure: "
-                    f"{waiting}"
+                    f"run {self.run!r}: step {step} waited {self.config.deadline:.0f} s for back-pressure: {waiting}"
                 )
 
     def _on_failure(self) -> None:
@@ -528,9 +531,7 @@ class Bridge:
     def __enter__(self) -> Bridge:
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def __del__(self) -> None:

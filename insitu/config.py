@@ -28,7 +28,7 @@ from insitu.errors import ConfigError, RunNameError
 __all__ = ["Backpressure", "Config", "FailurePolicy", "Scheduler", "resolve_run"]
 
 
-class Backpressure(str, enum.Enum):
+class Backpressure(enum.StrEnum):
     """What ``Bridge.send`` does when ``in_flight`` steps are already unprocessed."""
 
     BLOCK = "block"
@@ -37,7 +37,7 @@ class Backpressure(str, enum.Enum):
     """Drop the step on every rank and count it."""
 
 
-class FailurePolicy(str, enum.Enum):
+class FailurePolicy(enum.StrEnum):
     """What the simulation does once the analytics failed."""
 
     CONTINUE = "continue"
@@ -46,7 +46,7 @@ class FailurePolicy(str, enum.Enum):
     """The next ``send`` raises ``AnalyticsFailedError`` on every rank."""
 
 
-class Scheduler(str, enum.Enum):
+class Scheduler(enum.StrEnum):
     """How ``.compute()`` runs inside an analytics callback."""
 
     INSITU = "insitu"
@@ -155,8 +155,7 @@ class Config:
         """Return the Ray address or raise a ``ConfigError`` saying how to set it."""
         if not self.address:
             raise ConfigError(
-                "no Ray address: pass address='host:port' or set INSITU_ADDRESS "
-                "(insitu never guesses a cluster)"
+                "no Ray address: pass address='host:port' or set INSITU_ADDRESS (insitu never guesses a cluster)"
             )
         return self.address
 
@@ -187,12 +186,12 @@ def _coerce(name: str, value: Any) -> Any:
         return number
     if name in ("deadline", "reclaim_deadline", "compute_cpus"):
         try:
-            number = float(value)
+            real = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} ({env}) must be a number of seconds; got {value!r}") from None
-        if number < 0 or (name != "compute_cpus" and number == 0):
-            raise ConfigError(f"{name} ({env}) must be > 0; got {number}")
-        return number
+        if real < 0 or (name != "compute_cpus" and real == 0):
+            raise ConfigError(f"{name} ({env}) must be > 0; got {real}")
+        return real
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{name} ({env}) must be a string; got {type(value).__name__}")
     return value

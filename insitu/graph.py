@@ -44,7 +44,7 @@ def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: 
     graph = {(name, *c.block): c.ref for c in chunks}
     dtype = np.dtype(layout.dtype)
     arr = da.Array(
-        HighLevelGraph.from_collections(name, graph, dependencies=[]),
+        HighLevelGraph.from_collections(name, graph, dependencies=[]),  # type: ignore[arg-type]
         name,
         layout.chunks,
         dtype=dtype,
@@ -94,7 +94,7 @@ def _identity(value: Any) -> Any:
 def _run_on_node(payload: bytes, out_keys: list[Hashable], *arrays: Any) -> list[Any]:
     """Run a node-local subgraph next to its chunks (refs arrive as zero-copy arrays)."""
     graph = _load(payload, arrays)
-    return list(dask.local.get_sync(graph, out_keys))
+    return list(dask.local.get_sync(graph, out_keys))  # type: ignore[arg-type]
 
 
 class NodeScheduler:

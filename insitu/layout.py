@@ -105,8 +105,7 @@ class ArraySpec:
         for axis, (s, n, g) in enumerate(zip(start, shape, gshape, strict=True)):
             if s + n > g:
                 raise ContractError(
-                    f"array {self.name!r}: block [{s}, {s + n}) on axis {axis} lies outside the "
-                    f"global extent {g}"
+                    f"array {self.name!r}: block [{s}, {s + n}) on axis {axis} lies outside the global extent {g}"
                 )
         object.__setattr__(self, "start", start)
         object.__setattr__(self, "shape", shape)
@@ -271,7 +270,8 @@ def _validate_one(name: str, specs: Sequence[ArraySpec]) -> ArrayLayout:
     for axis in range(ndim):
         intervals: dict[tuple[int, int], list[int]] = defaultdict(list)
         for r, start, shape in owned:
-            assert start is not None and shape is not None
+            assert start is not None
+            assert shape is not None
             intervals[(start[axis], start[axis] + shape[axis])].append(r)
         ordered = sorted(intervals)
         pos = 0
@@ -298,7 +298,8 @@ def _validate_one(name: str, specs: Sequence[ArraySpec]) -> ArrayLayout:
     index = [{iv: i for i, iv in enumerate(axis_splits)} for axis_splits in splits]
     cells: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for r, start, shape in owned:
-        assert start is not None and shape is not None
+        assert start is not None
+        assert shape is not None
         cell = tuple(index[a][(start[a], start[a] + shape[a])] for a in range(ndim))
         cells[cell].append(r)
     doubled = {c: rs for c, rs in cells.items() if len(rs) > 1}
@@ -310,8 +311,7 @@ def _validate_one(name: str, specs: Sequence[ArraySpec]) -> ArrayLayout:
         have = set(cells)
         missing = [c for c in np.ndindex(*[len(s) for s in splits]) if c not in have][:4]
         where = ", ".join(
-            "[" + ", ".join(f"{splits[a][c[a]][0]}:{splits[a][c[a]][1]}" for a in range(ndim)) + "]"
-            for c in missing
+            "[" + ", ".join(f"{splits[a][c[a]][0]}:{splits[a][c[a]][1]}" for a in range(ndim)) + "]" for c in missing
         )
         raise ContractError(
             f"array {name!r}: blocks do not form a rectilinear grid: no rank covers {where} "

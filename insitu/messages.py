@@ -55,7 +55,7 @@ class AnalyticsState(enum.IntEnum):
     FAILED = 3
 
 
-class EndReason(str, enum.Enum):
+class EndReason(enum.StrEnum):
     """Why a run's stream ended."""
 
     CLOSED = "closed"

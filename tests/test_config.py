@@ -64,7 +64,9 @@ def test_launcher_mismatch() -> None:
 
 def test_raise_common_names_every_failing_rank() -> None:
     with pytest.raises(SendError, match=r"ranks 1, 3: bad shape; rank 2: bad dtype"):
-        raise_common([None, (1, "SendError", "bad shape"), (2, "ContractError", "bad dtype"), (3, "SendError", "bad shape")])
+        raise_common(
+            [None, (1, "SendError", "bad shape"), (2, "ContractError", "bad dtype"), (3, "SendError", "bad shape")]
+        )
     with pytest.raises(ContractError):
         raise_common([(0, "NotAnInsituError", "x")])
     raise_common([None, None])  # nothing to raise

@@ -27,8 +27,8 @@ def test_heat2d_with_heat_stats_matches_numpy_and_stops_by_steering(cluster: Any
          "--png-every", "5", "--print-every", "100"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    sim_cmd = mpi_command(4, cluster.node_ips, [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"),
-                                                "--nx", "40", "--ny", "36", "--steps", "200", "--dump", str(dump)])  # fmt: skip
+    heat2d = [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"), "--nx", "40", "--ny", "36"]
+    sim_cmd = mpi_command(4, cluster.node_ips, [*heat2d, "--steps", "200", "--dump", str(dump)])
     sim = subprocess.run(sim_cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
     _, ana_err = ana.communicate(timeout=120)
     assert sim.returncode == 0, sim.stderr[-2000:]
@@ -60,7 +60,8 @@ def test_insitu_demo_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "insitu demo: done" in proc.stdout
-    assert "step" in proc.stdout and "mean" in proc.stdout
+    assert "step" in proc.stdout
+    assert "mean" in proc.stdout
     assert len(list(tmp_path.glob("*.png"))) >= 1
     stats = json.loads((tmp_path / "stats.json").read_text())["stats"]
     assert len(stats) >= 10

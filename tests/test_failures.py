@@ -40,7 +40,8 @@ def test_bad_layout_raises_the_same_contract_error_on_every_rank(cluster: Any, l
     result = run_sim(cluster, 4, {"run": run_name("badlayout"), "layout": layout})
     errors = {r: e["error"] for r, e in result.one("init-error").items()}
     msg = same_everywhere(errors, 4)
-    assert msg.startswith("ContractError") and pattern in msg
+    assert msg.startswith("ContractError")
+    assert pattern in msg
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,8 @@ def test_callback_exception_policies(cluster: Any, policy: str) -> None:
 
     with pytest.raises(insitu.errors.CallbackError, match="step 2 on array.s. u: ZeroDivisionError") as info:
         analytics.run()
-    assert info.value.step == 2 and info.value.arrays == ("u",)
+    assert info.value.step == 2
+    assert info.value.arrays == ("u",)
     result = finish_sim(proc)
     if policy == "continue":
         assert result.returncode == 0
@@ -158,7 +160,8 @@ def test_callback_exception_policies(cluster: Any, policy: str) -> None:
     else:
         errors = {r: (e["step"], e["error"].split(":")[0]) for r, e in result.one("send-error").items()}
         step, cls = same_everywhere(errors, 4)
-        assert cls == "AnalyticsFailedError" and 2 < step <= 5
+        assert cls == "AnalyticsFailedError"
+        assert 2 < step <= 5
     assert wait_gone(run)
 
 
@@ -193,7 +196,8 @@ def test_sigkill_of_a_rank_ends_the_run(cluster: Any) -> None:
     with pytest.raises(insitu.errors.SimulationFailedError, match="rank 2"):
         analytics.run()
     finish_sim(proc)
-    assert seen == list(range(len(seen))) and len(seen) <= 5
+    assert seen == list(range(len(seen)))
+    assert len(seen) <= 5
     assert wait_gone(run)
 
 

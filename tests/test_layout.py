@@ -11,7 +11,9 @@ from insitu.errors import ContractError
 from insitu.layout import ArraySpec, validate_layout
 
 
-def grid_specs(splits: list[list[int]], owners: list[int] | None = None, dtype: str = "f8") -> list[dict[str, ArraySpec]]:
+def grid_specs(
+    splits: list[list[int]], owners: list[int] | None = None, dtype: str = "f8"
+) -> list[dict[str, ArraySpec]]:
     """One spec per grid cell (rank = cell number unless ``owners`` permutes them)."""
     gshape = tuple(sum(s) for s in splits)
     cells = list(np.ndindex(*[len(s) for s in splits]))
@@ -151,4 +153,5 @@ def test_from_cart_matches_validate_layout(nx: int, ny: int, px: int, py: int) -
         return
     lay = validate_layout(specs)["u"]
     assert lay.global_shape == (nx, ny)
-    assert sum(lay.chunks[0]) == nx and sum(lay.chunks[1]) == ny
+    assert sum(lay.chunks[0]) == nx
+    assert sum(lay.chunks[1]) == ny

@@ -17,7 +17,10 @@ def test_no_actor_process_or_staging_file_is_left(cluster: Any) -> None:
     end = time.monotonic() + 60
     while True:
         alive = [
-            a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+            a
+            for a in list_actors(
+                address=cluster.address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+            )
             if a.class_name in ("HeadActor", "NodeActor", "AnalyticsLink")
         ]
         if not alive or time.monotonic() > end:

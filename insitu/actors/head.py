@@ -110,9 +110,7 @@ class HeadActor:
         """Create one node actor per node of the simulation; return their socket addresses."""
         self._ensure_watchdog()
         if self._sim is not None or self._torn_down:
-            raise ContractError(
-                f"run {self._run!r} already has a simulation attached; use a new run name per run"
-            )
+            raise ContractError(f"run {self._run!r} already has a simulation attached; use a new run name per run")
         self._sim = info
         me = ray.get_runtime_context().current_actor
         by_node: dict[str, list[int]] = {}
@@ -121,7 +119,7 @@ class HeadActor:
         status = self._status(full=True)
         self._pushed = len(self._updates)
         for node, ranks in by_node.items():
-            self._nodes[node] = NodeActor.options(
+            self._nodes[node] = NodeActor.options(  # type: ignore[attr-defined]
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
             ).remote(self._run, node, me, tuple(ranks))
         try:
@@ -129,7 +127,7 @@ class HeadActor:
                 asyncio.gather(*(a.start.remote(status) for a in self._nodes.values())),
                 self._cfg.deadline,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StepTimeoutError(
                 f"node actors of run {self._run!r} did not start within {self._cfg.deadline:.0f} s "
                 f"on nodes {[n[:12] for n in self._nodes]}"
@@ -228,7 +226,7 @@ class HeadActor:
             self._event = asyncio.Event()
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def next_steps(self, timeout: float) -> list[StepData | RunEnd] | Waiting:
@@ -258,9 +256,7 @@ class HeadActor:
             return {}
         step = min(self._partial)
         missing = [n for n in self._nodes if n not in self._partial[step]]
-        return {
-            n[:12]: tuple(r for r, rn in enumerate(self._sim.rank_nodes) if rn == n) for n in missing
-        }
+        return {n[:12]: tuple(r for r, rn in enumerate(self._sim.rank_nodes) if rn == n) for n in missing}
 
     def _describe_wait(self) -> str:
         if self._sim is None:
@@ -358,7 +354,7 @@ class HeadActor:
 
 def get_or_create_head(run: str, config: Config) -> Any:
     """Return the head actor of ``run``, creating it if needed (atomic across processes)."""
-    head = HeadActor.options(
+    head = HeadActor.options(  # type: ignore[attr-defined]
         name=head_name(run),
         namespace=config.namespace,
         lifetime="detached",

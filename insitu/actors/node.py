@@ -9,6 +9,7 @@ It is owned by the head actor, so it dies with it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import mmap
 import os
@@ -136,7 +137,9 @@ class NodeActor:
     def _hello(self, msg: tuple[Any, ...], writer: asyncio.StreamWriter) -> _RankState:
         _, rank, path, arrays, slots, stride = msg
         if rank not in self._expected:
-            raise ValueError(f"rank {rank} is not expected on node {self._node[:12]} (expected {sorted(self._expected)})")
+            raise ValueError(
+                f"rank {rank} is not expected on node {self._node[:12]} (expected {sorted(self._expected)})"
+            )
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -153,8 +156,8 @@ class NodeActor:
         self._ranks[rank] = state
         writer.write(encode_frame((Wire.WELCOME,)))
         if self._status is not None:
-            writer.write(encode_frame((Wire.STATUS, Status(
-                self._status.completed, self._status.analytics, tuple(self._history), self._status.failure))))  # fmt: skip
+            full = dataclasses.replace(self._status, updates=tuple(self._history))
+            writer.write(encode_frame((Wire.STATUS, full)))
         return state
 
     def _put(self, state: _RankState, slot: int) -> tuple[ChunkRef, ...]:

@@ -195,7 +195,7 @@ class LocalCluster:
                     f'--resources={{"insitu_test_node{i}": 1}}',
                 ]  # fmt: skip
                 if i == 0:
-                    args += [f"--head", f"--port={gcs_port}", f"--ray-client-server-port={p + 6}"]
+                    args += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={p + 6}"]
                     if self.dashboard:
                         args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={p + 7}"]  # fmt: skip
@@ -252,7 +252,5 @@ class LocalCluster:
     def __enter__(self) -> LocalCluster:
         return self.start()
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()

@@ -18,7 +18,6 @@ from mpi4py import MPI
 import insitu
 from insitu.errors import InsituError
 
-
 _OUT: list = []
 
 
@@ -123,8 +122,16 @@ def main() -> int:
             break
     bridge.close()
     s = bridge.stats
-    emit(rank, "done", stop_at=stop_at, last_sent=last_sent, sent=s.sent, skipped=s.skipped, dropped=s.dropped,
-         ok=bridge.analytics_ok)
+    emit(
+        rank,
+        "done",
+        stop_at=stop_at,
+        last_sent=last_sent,
+        sent=s.sent,
+        skipped=s.skipped,
+        dropped=s.dropped,
+        ok=bridge.analytics_ok,
+    )
     return 0
 
 
