@@ -251,3 +251,24 @@ def test_memory_stays_bounded_over_1000_steps(cluster: Any) -> None:
     while chunks_alive() and time.monotonic() < end:
         time.sleep(0.5)
     assert chunks_alive() == 0
+
+
+def test_analytics_alone_says_what_it_waits_for(cluster: Any) -> None:
+    import insitu
+
+    run = run_name("alone")
+    analytics = insitu.Analytics(run=run, deadline=2)
+    analytics.on_step("u")(lambda step, u: None)
+    with pytest.raises(insitu.errors.StepTimeoutError, match=f"no simulation has registered run '{run}'"):
+        analytics.run()
+    assert wait_gone(run), "a head made by an analytics that left must be reclaimed"
+
+
+def test_simulation_alone_says_what_it_waits_for(cluster: Any) -> None:
+    run = run_name("simalone")
+    result = run_sim(cluster, 2, {"run": run, "steps": 5, "catch": False, "config": {"deadline": 2}},
+                     env={"INSITU_RECLAIM_DEADLINE": "3"})  # fmt: skip
+    errors = {r: e["error"] for r, e in result.one("send-error").items()}
+    msg = same_everywhere(errors, 2)
+    assert msg.startswith("BackpressureTimeout") and "analytics state pending" in msg
+    assert wait_gone(run, timeout=30), "a run nobody attached to must be reclaimed after the reclaim deadline"
