@@ -1,0 +1,84 @@
+"""Benchmark simulation: every rank sends a block of CHUNK bytes per step and times each send.
+
+Usage (under mpiexec): ``python sim_bench.py '<json options>'``; writes ``rank<r>.json`` into
+``options["out"]`` with the per-step send times, loop times and (rank 0) the wall time of the first send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+
+def stencil(u: np.ndarray, reps: int) -> None:
+    """A busy numpy 5-point stencil, standing in for compute."""
+    for _ in range(reps):
+        u[1:-1, 1:-1] = 0.25 * (u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:])
+
+
+def main() -> int:
+    opt = json.loads(sys.argv[1])
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    n = max(1, opt["chunk"] // 8)
+    rows = max(1, int(np.sqrt(n)))
+    cols = max(1, n // rows)
+    block = np.random.default_rng(rank).random((rows, cols))
+    steps, warmup = opt["steps"], opt.get("warmup", 10)
+    pace, pace_arg = opt.get("pace", "none"), opt.get("pace_arg", 0)
+    work = np.random.default_rng(0).random((256, 256))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t_init = time.perf_counter()
+    bridge = None
+    if opt.get("insitu", True):
+        import insitu
+
+        spec = insitu.ArraySpec("u", (rows * size, cols), "f8", start=(rows * rank, 0), shape=(rows, cols))
+        bridge = insitu.Bridge([spec], comm=world, run=opt["run"], in_flight=opt.get("in_flight", 2))
+    init_s = time.perf_counter() - t_init
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sends, loops = [], []
+    world.Barrier()
+    first_send_wall = None
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        if pace == "sleep":
+            time.sleep(pace_arg)
+        elif pace == "stencil":
+            stencil(work, pace_arg)
+        block += 1.0
+        t1 = time.perf_counter()
+        if bridge is not None:
+            if step == 0 and rank == 0:
+                first_send_wall = time.time()
+            bridge.send(step, u=block)
+        t2 = time.perf_counter()
+        if step >= warmup:
+            sends.append(t2 - t1)
+            loops.append(t2 - t0)
+    if bridge is not None:
+        bridge.close()
+    rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {
+        "rank": rank,
+        "send_s": sends,
+        "loop_s": loops,
+        "first_send_wall": first_send_wall,
+        "init_s": init_s,
+        "rss_before_kb": rss0,
+        "rss_after_init_kb": rss1,
+        "rss_end_kb": rss2,
+    }
+    with open(os.path.join(opt["out"], f"rank{rank}.json"), "w") as fh:
+        json.dump(out, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
