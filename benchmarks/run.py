@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,12 +54,18 @@ def timeit(fn: Callable[[], Any], repeat: int) -> list[float]:
 
 # -- floor -------------------------------------------------------------------------------------
 def floor(size: int, repeat: int) -> dict[str, float]:
-    """One numpy copy of ``size`` bytes into fresh and into warm memory."""
-    src = np.random.default_rng(0).random(size // 8)
+    """One numpy copy of ``size`` bytes into fresh pages (a new anonymous mapping) and into warm memory."""
+    src = np.random.default_rng(0).random(max(1, size // 8))
     warm = np.empty_like(src)
-    fresh = timeit(lambda: np.array(src, copy=True), repeat)
+
+    def fresh() -> None:
+        buf = mmap.mmap(-1, src.nbytes)
+        np.copyto(np.frombuffer(buf, dtype=src.dtype), src)
+        buf.close()
+
+    fresh_t = timeit(fresh, repeat)
     warm_t = timeit(lambda: np.copyto(warm, src), repeat)
-    return {"copy_fresh_s": statistics.median(fresh), "copy_warm_s": statistics.median(warm_t)}
+    return {"copy_fresh_s": statistics.median(fresh_t), "copy_warm_s": statistics.median(warm_t)}
 
 
 def empty_actor_call(repeat: int) -> float:
@@ -80,13 +88,14 @@ def empty_actor_call(repeat: int) -> float:
 class Runner:
     """Holds the private cluster and runs simulations against it."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, dashboard: bool = False) -> None:
         from insitu.cluster.local import LocalCluster
 
         self.base = Path(tempfile.mkdtemp(prefix="insitu-bench-"))
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(self.base / "auth_token")
-        self.cluster = LocalCluster(nodes=nodes, cpus_per_node=1, base_dir=str(self.base), object_store_bytes=1 << 30)
+        self.cluster = LocalCluster(nodes=nodes, cpus_per_node=1, base_dir=str(self.base), object_store_bytes=1 << 30,
+                                    dashboard=dashboard)  # fmt: skip
         self.cluster.start()
         os.environ.update(self.cluster.environment())
         import ray
@@ -104,9 +113,15 @@ class Runner:
         self.cluster.stop()
 
     def sim(self, ranks: int, options: dict[str, Any], nodes: int = 1, analytics: Callable[..., Any] | None = None,
-            window: int = 1) -> dict[str, Any]:  # fmt: skip
-        """Run ``sim_bench.py`` on ``ranks`` ranks over ``nodes`` raylets, with an optional analytics."""
+            window: int = 1, sample: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Run ``sim_bench.py`` on ``ranks`` ranks over ``nodes`` raylets, with an in-process analytics.
+
+        ``options["insitu"] = False`` runs the same loop without insitu (baseline, post hoc).
+        """
+        import ray
+
         import insitu
+        from insitu.actors.head import head_name
         from insitu.cli import mpiexec_mpmd
 
         self.count += 1
@@ -114,27 +129,25 @@ class Runner:
         out = self.base / run
         out.mkdir()
         opts = {**options, "run": run, "out": str(out)}
-        cmd = mpiexec_mpmd(ranks, self.cluster.node_ips[:nodes], [sys.executable, str(HERE / "sim_bench.py"),
-                                                                  json.dumps(opts)])  # fmt: skip
+        argv = [sys.executable, str(HERE / "sim_bench.py"), json.dumps(opts)]
+        cmd = mpiexec_mpmd(ranks, self.cluster.node_ips[:nodes], argv)
         env = {**os.environ, "INSITU_DEADLINE": "300"}
+        total_steps = opts["steps"] + opts.get("warmup", 10)
         done: dict[str, Any] = {}
         thread = None
         if opts.get("insitu", True):
             ana = insitu.Analytics(run=run, deadline=300)
 
             @ana.on_step("u", window=window)
-            def mean(step: int, u: list) -> None:
+            def analyse(step: int, u: list) -> None:
                 done["last"] = analytics(u) if analytics else None
                 done["t_end"] = time.time()
+                if sample is not None:
+                    sample(step)
+                if step == total_steps - 1:
+                    done["head"] = ray.get(ray.get_actor(head_name(run), namespace="insitu").stats.remote())
 
-            def go() -> None:
-                done["summary"] = ana.run()
-                import ray
-
-                done["messages"] = None
-                del ray
-
-            thread = threading.Thread(target=go)
+            thread = threading.Thread(target=lambda: done.update(summary=ana.run()))
             thread.start()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
         if thread is not None:
@@ -142,20 +155,30 @@ class Runner:
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark simulation failed:\n{proc.stderr[-3000:]}")
         per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
-        sends = [s for r in per_rank for s in r["send_s"]]
-        loops = [s for r in per_rank for s in r["loop_s"]]
+        shutil.rmtree(out, ignore_errors=True)
+        sends = [x for r in per_rank for x in r["send_s"]]
+        loops = [x for r in per_rank for x in r["loop_s"]]
         first = per_rank[0]["first_send_wall"]
-        total_steps = opts["steps"] + opts.get("warmup", 10)
         res: dict[str, Any] = {
+            "ranks": ranks,
+            "nodes": nodes,
             "send_median_s": median_p95(sends)[0],
             "send_p95_s": median_p95(sends)[1],
             "loop_median_s": statistics.median(loops),
             "loop_mean_s": statistics.mean(loops),
-            "init_s": max(r["init_s"] for r in per_rank),
-            "rss_added_mb": [(r["rss_after_init_kb"] - r["rss_before_kb"]) / 1024 for r in per_rank],
+            "init_rank0_s": per_rank[0]["init_s"],
+            "rss_added_rank0_mb": (per_rank[0]["rss_after_init_kb"] - per_rank[0]["rss_before_kb"]) / 1024,
+            "rss_added_other_mb": statistics.mean(
+                [(r["rss_after_init_kb"] - r["rss_before_kb"]) / 1024 for r in per_rank[1:]] or [0.0]
+            ),
+            "first_send_wall": first,
         }
         if "t_end" in done and first is not None:
             res["e2e_per_step_s"] = (done["t_end"] - first) / total_steps
+        if "head" in done:
+            msgs = done["head"]["messages"]
+            res["head_messages_per_step"] = sum(msgs.values()) / total_steps
+            res["head_messages_per_node_per_step"] = sorted({m / total_steps for m in msgs.values()})
         return res
 
 
@@ -166,46 +189,218 @@ def mean_of_window(u: list) -> float:
     return float(sum(dask.compute(*[a.mean() for a in u])))
 
 
-def section_insitu(runner: Runner, sizes: list[int], steps: int, results: dict[str, Any], quick: bool) -> None:
-    rows = results.setdefault("insitu", [])
+def _fmt_ms(x: float | None) -> str:
+    return "    n/a" if x is None else f"{x * 1e3:8.3f}"
+
+
+def section_insitu(runner: Runner, sizes: list[int], steps: int, warmup: int, quick: bool) -> list[dict[str, Any]]:
+    """Send cost and end-to-end time per step, 4 ranks on one node, back-to-back and paced."""
+    rows = []
+    modes = [("b2b", 1)] if quick else [("b2b", 1), ("b2b", 3), ("spin", 1), ("sleep", 1)]
     for size in sizes:
-        for window in (1,) if quick else (1, 3):
-            r = runner.sim(4, {"chunk": size, "steps": steps, "warmup": 2 if quick else 10}, analytics=mean_of_window,
-                           window=window)  # fmt: skip
-            fl = floor(size, 20 if quick else 50)
-            r.update(size=size, window=window, ranks=4, **fl)
+        fl = floor(size, 20 if quick else 50)
+        for pace, window in modes:
+            opts: dict[str, Any] = {"chunk": size, "steps": steps, "warmup": warmup}
+            if pace == "spin":
+                opts.update(pace="spin", pace_arg=0.02)
+            elif pace == "sleep":
+                opts.update(pace="sleep", pace_arg=0.2)
+            r = runner.sim(4, opts, analytics=mean_of_window, window=window)
+            r.update(size=size, window=window, pace=pace, **fl)
             rows.append(r)
-            print(f"insitu  {size // KIB:>7} KiB  window {window}: send median {r['send_median_s'] * 1e3:8.3f} ms "
-                  f"(p95 {r['send_p95_s'] * 1e3:8.3f}) = {r['send_median_s'] / fl['copy_fresh_s']:5.2f}x fresh copy; "
-                  f"e2e/step {r.get('e2e_per_step_s', float('nan')) * 1e3:8.2f} ms", flush=True)  # fmt: skip
+            print(f"insitu  {size // KIB:>7} KiB {pace:>5} w{window}: send median {_fmt_ms(r['send_median_s'])} ms "
+                  f"p95 {_fmt_ms(r['send_p95_s'])} ms = {r['send_median_s'] / fl['copy_fresh_s']:6.2f}x fresh copy; "
+                  f"e2e/step {_fmt_ms(r.get('e2e_per_step_s'))} ms; loop {_fmt_ms(r['loop_median_s'])} ms",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def section_baseline(runner: Runner, sizes: list[int], steps: int, warmup: int) -> list[dict[str, Any]]:
+    """The same loop without insitu (twice, for the noise floor): sleep-paced 4 ranks, stencil-paced 1 rank."""
+    rows = []
+    cores = os.cpu_count() or 2
+    for size in sizes:
+        for pace, arg, ranks in (("sleep", 0.2, 4), ("stencil", 40, max(1, cores - 1))):
+            base = [runner.sim(ranks, {"chunk": size, "steps": steps, "warmup": warmup, "pace": pace, "pace_arg": arg,
+                                       "insitu": False}) for _ in range(2)]  # fmt: skip
+            with_insitu = runner.sim(ranks, {"chunk": size, "steps": steps, "warmup": warmup, "pace": pace,
+                                             "pace_arg": arg}, analytics=mean_of_window)  # fmt: skip
+            b1, b2 = base[0]["loop_mean_s"], base[1]["loop_mean_s"]
+            row = {
+                "size": size, "pace": pace, "ranks": ranks,
+                "baseline_loop_s": [b1, b2],
+                "noise": abs(b2 - b1) / b1,
+                "insitu_loop_s": with_insitu["loop_mean_s"],
+                "slowdown": with_insitu["loop_mean_s"] / statistics.mean([b1, b2]) - 1,
+                "send_median_s": with_insitu["send_median_s"],
+                "send_p95_s": with_insitu["send_p95_s"],
+            }  # fmt: skip
+            rows.append(row)
+            print(f"paced   {size // KIB:>7} KiB {pace:>7} {ranks} rank(s): slowdown {row['slowdown'] * 100:+6.2f} % "
+                  f"(noise floor {row['noise'] * 100:5.2f} %), send median {_fmt_ms(row['send_median_s'])} ms",
+                  flush=True)  # fmt: skip
+    return rows
+
+
+def section_posthoc(runner: Runner, sizes: list[int], steps: int, warmup: int) -> list[dict[str, Any]]:
+    """Peer: .npy files in /dev/shm during the run, global mean per step analysed after it."""
+    rows = []
+    for size in sizes:
+        d = Path(tempfile.mkdtemp(prefix="insitu-posthoc-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        try:
+            t0 = time.time()
+            r = runner.sim(4, {"chunk": size, "steps": steps, "warmup": warmup, "insitu": False, "posthoc": str(d)})
+            means = {}
+            for step in range(steps + warmup):
+                blocks = [np.load(f) for f in sorted(d.glob(f"s{step:06d}-r*.npy"))]
+                means[step] = float(np.mean(np.concatenate([b.ravel() for b in blocks])))
+            total = time.time() - max(t0, r["first_send_wall"] or t0)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        row = {"size": size, "send_median_s": r["send_median_s"], "send_p95_s": r["send_p95_s"],
+               "e2e_per_step_s": total / (steps + warmup)}  # fmt: skip
+        rows.append(row)
+        print(f"posthoc {size // KIB:>7} KiB: write median {_fmt_ms(row['send_median_s'])} ms; "
+              f"e2e/step {_fmt_ms(row['e2e_per_step_s'])} ms", flush=True)  # fmt: skip
+    return rows
+
+
+def section_scaling(runner: Runner, steps: int) -> list[dict[str, Any]]:
+    """Time per step / one-copy floor of the same bytes, and head messages per step, 1-16 ranks on 1-4 raylets."""
+    rows = []
+    size = 64 * KIB
+    for ranks, nodes in ((1, 1), (2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4)):
+        nodes = min(nodes, len(runner.cluster.node_ips))
+        r = runner.sim(ranks, {"chunk": size, "steps": steps, "warmup": 5}, nodes=nodes, analytics=mean_of_window)
+        fl = floor(size * ranks, 30)
+        row = {"ranks": ranks, "nodes": nodes, "e2e_per_step_s": r.get("e2e_per_step_s"),
+               "floor_s": fl["copy_fresh_s"], "ratio": (r.get("e2e_per_step_s") or float("nan")) / fl["copy_fresh_s"],
+               "head_messages_per_node_per_step": r.get("head_messages_per_node_per_step"),
+               "send_median_s": r["send_median_s"]}  # fmt: skip
+        rows.append(row)
+        print(f"scaling {ranks:>2} ranks on {nodes} raylet(s): e2e/step {_fmt_ms(row['e2e_per_step_s'])} ms = "
+              f"{row['ratio']:8.1f}x floor; head messages per node per step {row['head_messages_per_node_per_step']}",
+              flush=True)  # fmt: skip
+    return rows
+
+
+def section_sched(repeat: int) -> dict[str, float]:
+    """Per-step scheduling cost of a window-3 computation: insitu's scheduler, dask threaded, ray_dask_get."""
+    import dask
+    import dask.array as da
+    import ray
+    from ray.util.dask import ray_dask_get
+
+    from insitu.graph import NodeScheduler, make_array
+    from insitu.layout import ArrayLayout
+    from insitu.messages import ChunkRef
+
+    node = ray.get_runtime_context().get_node_id()
+    layout = ArrayLayout("u", (256, 256), "<f8", ((128, 128), (128, 128)),
+                         tuple(((i, j), 2 * i + j) for i in range(2) for j in range(2)))  # fmt: skip
+    window, where, arrays, local = [], {}, [], []
+    for step in range(3):
+        chunks = []
+        for (i, j), _ in layout.owners:
+            ref = ray.put(np.full((128, 128), float(step)))
+            where[ref.hex()] = node
+            chunks.append(ChunkRef("u", (i, j), ref, node))
+        window.append(make_array(layout, step, chunks, "bench"))
+        arrays.append(np.concatenate([np.concatenate([ray.get(c.ref) for c in chunks[:2]], 1),
+                                      np.concatenate([ray.get(c.ref) for c in chunks[2:]], 1)], 0))  # fmt: skip
+        local.append(da.from_array(arrays[-1], chunks=(128, 128)))
+    sched = NodeScheduler(where, 0)
+
+    def expr(w: list) -> Any:
+        return ((w[2] - w[0]) / 2).mean() + w[1].max()
+
+    out = {}
+    for name, fn in (
+        ("insitu_s", lambda: dask.compute(expr(window), scheduler=sched)),
+        ("ray_dask_get_s", lambda: dask.compute(expr(window), scheduler=ray_dask_get)),
+        ("threaded_s", lambda: dask.compute(expr(local), scheduler="threads")),
+    ):
+        fn()
+        out[name] = statistics.median(timeit(fn, repeat))
+    print(f"sched   window-3 graph: insitu {_fmt_ms(out['insitu_s'])} ms, "
+          f"dask threaded {_fmt_ms(out['threaded_s'])} ms,"
+          f" ray_dask_get {_fmt_ms(out['ray_dask_get_s'])} ms", flush=True)  # fmt: skip
+    return out
+
+
+def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
+    """Object-store high-water mark over many steps, objects left after close, per-rank memory and start-up."""
+    from ray.util.state import list_objects
+
+    chunk = 64 * KIB
+
+    def chunk_objects() -> int:
+        objs = list_objects(address=runner.cluster.address, filters=[("object_size", "=", str(chunk))], limit=100000,
+                            raise_on_missing_output=False)  # fmt: skip
+        return len({o.object_id for o in objs})
+
+    samples: list[int] = []
+    runner.sim(4, {"chunk": chunk, "steps": steps, "warmup": 0}, analytics=mean_of_window, window=3,
+               sample=lambda step: samples.append(chunk_objects()) if step % 100 == 0 else None)  # fmt: skip
+    time.sleep(2)
+    left = chunk_objects()
+    out: dict[str, Any] = {"steps": steps, "max_chunk_objects": max(samples), "bound_objects": (3 + 2) * 4,
+                           "max_object_store_bytes": max(samples) * chunk, "objects_after_close": left}  # fmt: skip
+    for ranks in (4, 16):
+        nodes = min(4, len(runner.cluster.node_ips))
+        base = runner.sim(ranks, {"chunk": chunk, "steps": 5, "warmup": 0, "insitu": False}, nodes=nodes)
+        r = runner.sim(ranks, {"chunk": chunk, "steps": 5, "warmup": 0}, nodes=nodes, analytics=mean_of_window)
+        out[f"ranks{ranks}"] = {
+            "rss_added_rank0_mb": r["rss_added_rank0_mb"] - base["rss_added_rank0_mb"],
+            "rss_added_other_mb": r["rss_added_other_mb"] - base["rss_added_other_mb"],
+            "startup_s": r["init_rank0_s"],
+        }
+    print(f"memory  {steps} steps of 64 KiB, window 3: at most {out['max_chunk_objects']} chunk objects "
+          f"(bound {out['bound_objects']}), {left} left after close; per rank at 4/16 ranks: "
+          f"{out['ranks4']} / {out['ranks16']}", flush=True)  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: floor and insitu at 64 KiB, 5 steps")
-    p.add_argument("--sections", default="floor,insitu")
+    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,sched,scaling,memory")
     p.add_argument("--sizes", default=f"{64 * KIB},{512 * KIB},{8 * MIB},{32 * MIB}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=str(HERE / "results" / "results.json"))
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    steps = args.steps
+    steps, warmup = args.steps, 10
     if args.quick:
-        sizes, steps, args.sections = [64 * KIB], 5, "floor,insitu"
-    sections = set(args.sections.split(","))
+        sizes, steps, warmup, args.sections = [64 * KIB], 5, 2, "floor,insitu"
+    sections = args.sections.split(",")
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "platform": platform.platform()}, "steps": steps}  # fmt: skip
-    runner = Runner(nodes=1)
+    runner = Runner(nodes=1 if args.quick else 4, dashboard="memory" in sections)
     try:
-        if "floor" in sections:
-            results["floor"] = [{"size": s, **floor(s, 20 if args.quick else 100)} for s in sizes]
-            results["empty_actor_call_s"] = empty_actor_call(50 if args.quick else 300)
-            for row in results["floor"]:
-                print(f"floor   {row['size'] // KIB:>7} KiB  copy fresh {row['copy_fresh_s'] * 1e3:8.3f} ms  "
-                      f"warm {row['copy_warm_s'] * 1e3:8.3f} ms", flush=True)  # fmt: skip
-            print(f"floor   empty Ray actor call {results['empty_actor_call_s'] * 1e3:.3f} ms", flush=True)
-        if "insitu" in sections:
-            section_insitu(runner, sizes, steps, results, args.quick)
+        for section in sections:
+            if section == "floor":
+                results["floor"] = [{"size": s, **floor(s, 20 if args.quick else 100)} for s in sizes]
+                results["empty_actor_call_s"] = empty_actor_call(50 if args.quick else 300)
+                for row in results["floor"]:
+                    print(f"floor   {row['size'] // KIB:>7} KiB  copy fresh {_fmt_ms(row['copy_fresh_s'])} ms  "
+                          f"warm {_fmt_ms(row['copy_warm_s'])} ms", flush=True)  # fmt: skip
+                print(f"floor   empty Ray actor call {_fmt_ms(results['empty_actor_call_s'])} ms", flush=True)
+            elif section == "insitu":
+                results["insitu"] = section_insitu(runner, sizes, steps, warmup, args.quick)
+            elif section == "baseline":
+                paced_sizes = [x for x in sizes if x in (64 * KIB, 8 * MIB)] or sizes[:1]
+                results["paced"] = section_baseline(runner, paced_sizes, steps, warmup)
+            elif section == "posthoc":
+                results["posthoc"] = section_posthoc(runner, sizes, steps, warmup)
+            elif section == "sched":
+                results["sched"] = section_sched(50)
+            elif section == "scaling":
+                results["scaling"] = section_scaling(runner, min(steps, 50))
+            elif section == "memory":
+                results["memory"] = section_memory(runner, 1000)
+            else:
+                raise SystemExit(f"unknown section {section!r}")
     finally:
         runner.close()
     out = Path(args.out)

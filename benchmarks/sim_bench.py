@@ -52,12 +52,18 @@ def main() -> int:
             time.sleep(pace_arg)
         elif pace == "stencil":
             stencil(work, pace_arg)
+        elif pace == "spin":  # a compute phase that keeps the core busy (and hot)
+            end = time.perf_counter() + pace_arg
+            while time.perf_counter() < end:
+                pass
         block += 1.0
         t1 = time.perf_counter()
+        if step == 0 and rank == 0:
+            first_send_wall = time.time()
         if bridge is not None:
-            if step == 0 and rank == 0:
-                first_send_wall = time.time()
             bridge.send(step, u=block)
+        elif opt.get("posthoc"):
+            np.save(os.path.join(opt["posthoc"], f"s{step:06d}-r{rank:04d}.npy"), block)
         t2 = time.perf_counter()
         if step >= warmup:
             sends.append(t2 - t1)
