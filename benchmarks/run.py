@@ -220,7 +220,7 @@ def section_baseline(runner: Runner, sizes: list[int], steps: int, warmup: int) 
     rows = []
     cores = os.cpu_count() or 2
     for size in sizes:
-        for pace, arg, ranks in (("sleep", 0.2, 4), ("stencil", 40, max(1, cores - 1))):
+        for pace, arg, ranks in (("sleep", 0.2, 4), ("stencil", 300, max(1, cores - 1))):
             base = [runner.sim(ranks, {"chunk": size, "steps": steps, "warmup": warmup, "pace": pace, "pace_arg": arg,
                                        "insitu": False}) for _ in range(2)]  # fmt: skip
             with_insitu = runner.sim(ranks, {"chunk": size, "steps": steps, "warmup": warmup, "pace": pace,
@@ -246,6 +246,8 @@ def section_posthoc(runner: Runner, sizes: list[int], steps: int, warmup: int) -
     """Peer: .npy files in /dev/shm during the run, global mean per step analysed after it."""
     rows = []
     for size in sizes:
+        # every step stays in /dev/shm until the analysis: cap the run at 2 GiB of files
+        steps = max(5, min(steps, (2 << 30) // (4 * size) - warmup))
         d = Path(tempfile.mkdtemp(prefix="insitu-posthoc-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         try:
             t0 = time.time()
@@ -257,7 +259,7 @@ def section_posthoc(runner: Runner, sizes: list[int], steps: int, warmup: int) -
             total = time.time() - max(t0, r["first_send_wall"] or t0)
         finally:
             shutil.rmtree(d, ignore_errors=True)
-        row = {"size": size, "send_median_s": r["send_median_s"], "send_p95_s": r["send_p95_s"],
+        row = {"size": size, "steps": steps, "send_median_s": r["send_median_s"], "send_p95_s": r["send_p95_s"],
                "e2e_per_step_s": total / (steps + warmup)}  # fmt: skip
         rows.append(row)
         print(f"posthoc {size // KIB:>7} KiB: write median {_fmt_ms(row['send_median_s'])} ms; "
@@ -291,7 +293,7 @@ def section_sched(repeat: int) -> dict[str, float]:
     import ray
     from ray.util.dask import ray_dask_get
 
-    from insitu.graph import NodeScheduler, make_array
+    from insitu.graph import NodeScheduler, executor_on, make_array
     from insitu.layout import ArrayLayout
     from insitu.messages import ChunkRef
 
@@ -309,7 +311,8 @@ def section_sched(repeat: int) -> dict[str, float]:
         arrays.append(np.concatenate([np.concatenate([ray.get(c.ref) for c in chunks[:2]], 1),
                                       np.concatenate([ray.get(c.ref) for c in chunks[2:]], 1)], 0))  # fmt: skip
         local.append(da.from_array(arrays[-1], chunks=(128, 128)))
-    sched = NodeScheduler(where, 0)
+    executor = executor_on(node, 0)
+    sched = NodeScheduler(where, lambda _node: executor)
 
     def expr(w: list) -> Any:
         return ((w[2] - w[0]) / 2).mean() + w[1].max()

@@ -103,6 +103,7 @@ class Analytics:
         self._step: int | None = None
         self._in_callback = False
         self._sets: list[tuple[str, Any]] = []
+        self._executors: dict[str, Any] = {}
         self.info: RunInfo | None = None
 
     def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -225,7 +226,7 @@ class Analytics:
         }
         self._step = data.step
         if self.config.scheduler == Scheduler.INSITU:
-            scheduler: Any = NodeScheduler(self._where, self.config.compute_cpus)
+            scheduler: Any = NodeScheduler(self._where, self._executor)
         else:
             from ray.util.dask import ray_dask_get
 
@@ -252,6 +253,14 @@ class Analytics:
         self._sets.clear()
         self._prune()
 
+    def _executor(self, node: str) -> Any:
+        """The compute actor of ``node`` (owned by this process, created on first use)."""
+        if node not in self._executors:
+            from insitu.graph import executor_on
+
+            self._executors[node] = executor_on(node, self.config.compute_cpus)
+        return self._executors[node]
+
     def _prune(self) -> None:
         """Forget the locations of chunks no window holds any more."""
         keep: set[str] = set()
@@ -277,6 +286,9 @@ class Analytics:
         if self._link is not None:
             ray.kill(self._link)
             self._link = None
+        for executor in self._executors.values():
+            ray.kill(executor)
+        self._executors.clear()
         self._head = None
         if self._owns_ray:
             ray.shutdown()

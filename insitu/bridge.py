@@ -334,7 +334,13 @@ class Bridge:
                 return step, SendError(f"sent {name!r} with dtype {value.dtype}; declared {spec.dtype}")
         return step, None
 
-    def _reduce(self, step: int, error: bool, timed_out: bool) -> np.ndarray:
+    def _reduce(self, step: int, error: bool, timed_out: bool, gentle: bool = False) -> np.ndarray:
+        """The one allreduce of a step (see the slot constants above).
+
+        ``gentle``: while waiting under back-pressure, poll a non-blocking allreduce with
+        short sleeps instead of letting MPI busy-wait, so that waiting ranks leave the
+        node's cores to the actors and analytics they are waiting for.
+        """
         from mpi4py import MPI
 
         v = self._vec
@@ -347,7 +353,14 @@ class Bridge:
         v[_NO_SLOT] = int(not self._free)
         v[_TIMED_OUT] = int(timed_out)
         v[_STATE] = -int(self._state_seen)
-        self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
+        if not gentle:
+            self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
+            return self._agreed
+        request = self._comm.Iallreduce(v, self._agreed, op=MPI.MAX)
+        pause = 1e-5
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
         return self._agreed
 
     def _apply_steering(self, version: int) -> None:
@@ -426,7 +439,7 @@ class Bridge:
         limit = self.config.in_flight
         while True:
             self._drain(0.005)
-            agreed = self._reduce(step, False, time.monotonic() > end)
+            agreed = self._reduce(step, False, time.monotonic() > end, gentle=True)
             self._apply_steering(int(-agreed[_VERSION]))
             if agreed[_FAILED]:
                 self._on_failure()

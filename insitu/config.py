@@ -94,7 +94,8 @@ class Config:
     slots
         Staging buffers per rank (2 = double buffering).
     compute_cpus
-        CPUs requested by each node-local compute task of the insitu scheduler.
+        CPUs reserved by each node-local compute actor of the insitu scheduler (0: none
+        reserved, the actor shares the node's cores).
     scheduler
         ``insitu`` or ``ray-dask``.
     """
@@ -111,7 +112,7 @@ class Config:
     namespace: str = "insitu"
     shm_dir: str = dataclasses.field(default_factory=_default_shm_dir)
     slots: int = 2
-    compute_cpus: float = 1.0
+    compute_cpus: float = 0.0
     scheduler: Scheduler = Scheduler.INSITU
 
     def __post_init__(self) -> None:

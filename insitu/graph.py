@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import pickle
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from insitu.layout import ArrayLayout
 from insitu.messages import ChunkRef
 
-__all__ = ["NodeScheduler", "make_array"]
+__all__ = ["NodeExecutor", "NodeScheduler", "executor_on", "make_array"]
 
 
 def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: str) -> da.Array:
@@ -90,11 +90,28 @@ def _identity(value: Any) -> Any:
     return value
 
 
-@ray.remote
-def _run_on_node(payload: bytes, out_keys: list[Hashable], *arrays: Any) -> list[Any]:
-    """Run a node-local subgraph next to its chunks (refs arrive as zero-copy arrays)."""
+def _run_local(payload: bytes, out_keys: list[Hashable], arrays: Sequence[Any]) -> list[Any]:
     graph = _load(payload, arrays)
     return list(dask.local.get_sync(graph, out_keys))  # type: ignore[arg-type]
+
+
+@ray.remote(max_restarts=0)
+class NodeExecutor:
+    """Runs node-local subgraphs next to their chunks: one per node, owned by the analytics process.
+
+    An actor call costs less than a task (no worker lease per call); the actor dies
+    with the analytics process, and a crash in user code never touches the data path.
+    """
+
+    def run(self, payload: bytes, out_keys: list[Hashable], *arrays: Any) -> list[Any]:
+        """Run a subgraph; refs arrive as zero-copy read-only arrays from the local store."""
+        return _run_local(payload, out_keys, arrays)
+
+
+def executor_on(node: str, cpus: float) -> Any:
+    """Start a :class:`NodeExecutor` pinned to ``node``."""
+    strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+    return NodeExecutor.options(scheduling_strategy=strategy, num_cpus=cpus).remote()  # type: ignore[attr-defined]
 
 
 class NodeScheduler:
@@ -104,13 +121,13 @@ class NodeScheduler:
     ----------
     where
         Object-ref hex id to Ray node id, for every chunk the analytics holds.
-    cpus
-        CPUs requested by each node-local Ray task.
+    executor
+        Returns the :class:`NodeExecutor` actor of a node (created on first use).
     """
 
-    def __init__(self, where: Mapping[str, str], cpus: float = 1.0) -> None:
+    def __init__(self, where: Mapping[str, str], executor: Callable[[str], Any]) -> None:
         self._where = where
-        self._cpus = cpus
+        self._executor = executor
         self.remote_calls = 0
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -151,10 +168,7 @@ class NodeScheduler:
                 continue
             sub = {k: graph[k] for k in needed}
             payload, refs = _dump(sub)
-            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-            fut = _run_on_node.options(scheduling_strategy=strategy, num_cpus=self._cpus).remote(
-                payload, outputs, *refs
-            )
+            fut = self._executor(node).run.remote(payload, outputs, *refs)
             futures.append((outputs, fut))
             self.remote_calls += 1
         cache: dict[Hashable, Any] = {}
