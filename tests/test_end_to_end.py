@@ -216,3 +216,33 @@ def test_two_runs_at_once_and_in_a_row(cluster: Any) -> None:
     one_pair(["twoA", "twoB"])  # at the same time
     one_pair(["rowC"])  # then another one
     one_pair(["rowD"])
+
+
+@pytest.mark.parametrize("scheduler", ["insitu", "ray-dask"])
+def test_schedulers_compute_next_to_the_chunks(cluster: Any, scheduler: str) -> None:
+    from ray.util.state import list_actors
+
+    run = run_name(f"sched{scheduler}")
+    shape = (12, 10)
+    proc = start_sim(cluster, 4, {"run": run, "steps": 3, "shape": list(shape)})
+    analytics = make_analytics(run, scheduler=scheduler)
+    got: dict[int, float] = {}
+    executors: list[set[str]] = []
+
+    @analytics.on_step("u", window=2)
+    def diff(step: int, u: list) -> None:
+        got[step] = float((u[1] - u[0]).sum().compute())
+        wanted = [("class_name", "=", "NodeExecutor"), ("state", "=", "ALIVE")]
+        alive = list_actors(address=cluster.address, filters=wanted, raise_on_missing_output=False)
+        executors.append({a.node_id for a in alive})
+
+    analytics.run()
+    result = finish_sim(proc)
+    assert result.returncode == 0
+    assert got == {1: pytest.approx(1000.0 * 120), 2: pytest.approx(1000.0 * 120)}
+    rank_nodes = {e["node"] for e in result.one("ready").values()}
+    if scheduler == "insitu":
+        # one compute actor on each node holding chunks, none elsewhere
+        assert executors[-1] == rank_nodes
+    else:
+        assert executors[-1] == set()
