@@ -113,7 +113,8 @@ class Runner:
         self.cluster.stop()
 
     def sim(self, ranks: int, options: dict[str, Any], nodes: int = 1, analytics: Callable[..., Any] | None = None,
-            window: int = 1, sample: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+            window: int = 1, sample: Callable[[int], None] | None = None,
+            cwd: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Run ``sim_bench.py`` on ``ranks`` ranks over ``nodes`` raylets, with an in-process analytics.
 
         ``options["insitu"] = False`` runs the same loop without insitu (baseline, post hoc).
@@ -149,7 +150,7 @@ class Runner:
 
             thread = threading.Thread(target=lambda: done.update(summary=ana.run()))
             thread.start()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False, cwd=cwd)
         if thread is not None:
             thread.join(600)
         if proc.returncode != 0:
@@ -267,6 +268,40 @@ def section_posthoc(runner: Runner, sizes: list[int], steps: int, warmup: int) -
     return rows
 
 
+def section_adios2(runner: Runner, sizes: list[int], steps: int, warmup: int) -> list[dict[str, Any]] | str:
+    """Peer: ADIOS2 SST (serial wheel), one stream per rank, one reader process computing the global mean."""
+    try:
+        import adios2  # noqa: F401
+    except ImportError as exc:
+        reason = f"skipped: adios2 is not installed ({exc}); pip install adios2"
+        print(f"adios2  {reason}", flush=True)
+        return reason
+    rows = []
+    for size in sizes:
+        work = Path(tempfile.mkdtemp(prefix="insitu-adios2-"))
+        name = f"sst{size}"
+        total = steps + warmup
+        reader = subprocess.Popen([sys.executable, str(HERE / "peer_adios2.py"),
+                                   json.dumps({"name": name, "ranks": 4, "steps": total, "out": str(work / "r.json")})],
+                                  cwd=work, env={**os.environ, "CM_INTERFACE": "lo"})  # fmt: skip
+        try:
+            os.environ["CM_INTERFACE"] = "lo"
+            r = runner.sim(4, {"chunk": size, "steps": steps, "warmup": warmup, "insitu": False, "adios2": name},
+                           cwd=str(work))  # fmt: skip
+            reader.wait(600)
+            got = json.loads((work / "r.json").read_text())
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+            shutil.rmtree(work, ignore_errors=True)
+        row = {"size": size, "send_median_s": r["send_median_s"], "send_p95_s": r["send_p95_s"],
+               "e2e_per_step_s": (got["t_end"] - r["first_send_wall"]) / total}  # fmt: skip
+        rows.append(row)
+        print(f"adios2  {size // KIB:>7} KiB SST: write median {_fmt_ms(row['send_median_s'])} ms; "
+              f"e2e/step {_fmt_ms(row['e2e_per_step_s'])} ms", flush=True)  # fmt: skip
+    return rows
+
+
 def section_scaling(runner: Runner, steps: int) -> list[dict[str, Any]]:
     """Time per step / one-copy floor of the same bytes, and head messages per step, 1-16 ranks on 1-4 raylets."""
     rows = []
@@ -338,9 +373,9 @@ def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
     chunk = 64 * KIB
 
     def chunk_objects() -> int:
-        objs = list_objects(address=runner.cluster.address, filters=[("object_size", "=", str(chunk))], limit=100000,
-                            raise_on_missing_output=False)  # fmt: skip
-        return len({o.object_id for o in objs})
+        # the store adds a few hundred bytes of metadata to each chunk
+        objs = list_objects(address=runner.cluster.address, limit=10000, raise_on_missing_output=False)
+        return len({o.object_id for o in objs if chunk <= (o.object_size or 0) < chunk + 4096})
 
     samples: list[int] = []
     runner.sim(4, {"chunk": chunk, "steps": steps, "warmup": 0}, analytics=mean_of_window, window=3,
@@ -367,7 +402,7 @@ def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: floor and insitu at 64 KiB, 5 steps")
-    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,sched,scaling,memory")
+    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,adios2,sched,scaling,memory")
     p.add_argument("--sizes", default=f"{64 * KIB},{512 * KIB},{8 * MIB},{32 * MIB}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=str(HERE / "results" / "results.json"))
@@ -380,37 +415,49 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "platform": platform.platform()}, "steps": steps}  # fmt: skip
     runner = Runner(nodes=1 if args.quick else 4, dashboard="memory" in sections)
-    try:
-        for section in sections:
-            if section == "floor":
-                results["floor"] = [{"size": s, **floor(s, 20 if args.quick else 100)} for s in sizes]
-                results["empty_actor_call_s"] = empty_actor_call(50 if args.quick else 300)
-                for row in results["floor"]:
-                    print(f"floor   {row['size'] // KIB:>7} KiB  copy fresh {_fmt_ms(row['copy_fresh_s'])} ms  "
-                          f"warm {_fmt_ms(row['copy_warm_s'])} ms", flush=True)  # fmt: skip
-                print(f"floor   empty Ray actor call {_fmt_ms(results['empty_actor_call_s'])} ms", flush=True)
-            elif section == "insitu":
-                results["insitu"] = section_insitu(runner, sizes, steps, warmup, args.quick)
-            elif section == "baseline":
-                paced_sizes = [x for x in sizes if x in (64 * KIB, 8 * MIB)] or sizes[:1]
-                results["paced"] = section_baseline(runner, paced_sizes, steps, warmup)
-            elif section == "posthoc":
-                results["posthoc"] = section_posthoc(runner, sizes, steps, warmup)
-            elif section == "sched":
-                results["sched"] = section_sched(50)
-            elif section == "scaling":
-                results["scaling"] = section_scaling(runner, min(steps, 50))
-            elif section == "memory":
-                results["memory"] = section_memory(runner, 1000)
-            else:
-                raise SystemExit(f"unknown section {section!r}")
-    finally:
-        runner.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    try:
+        for section in sections:
+            try:
+                run_section(section, runner, results, sizes, steps, warmup, args.quick)
+            except Exception as exc:  # one broken section must not lose the others' numbers
+                results.setdefault("errors", {})[section] = f"{type(exc).__name__}: {exc}"
+                print(f"{section:7} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            out.write_text(json.dumps(results, indent=1))
+    finally:
+        runner.close()
     print(f"results written to {out}")
-    return 0
+    return 1 if results.get("errors") else 0
+
+
+def run_section(section: str, runner: Runner, results: dict[str, Any], sizes: list[int], steps: int, warmup: int,
+                quick: bool) -> None:  # fmt: skip
+    """Run one named section and store its numbers in ``results``."""
+    if section == "floor":
+        results["floor"] = [{"size": s, **floor(s, 20 if quick else 100)} for s in sizes]
+        results["empty_actor_call_s"] = empty_actor_call(50 if quick else 300)
+        for row in results["floor"]:
+            print(f"floor   {row['size'] // KIB:>7} KiB  copy fresh {_fmt_ms(row['copy_fresh_s'])} ms  "
+                  f"warm {_fmt_ms(row['copy_warm_s'])} ms", flush=True)  # fmt: skip
+        print(f"floor   empty Ray actor call {_fmt_ms(results['empty_actor_call_s'])} ms", flush=True)
+    elif section == "insitu":
+        results["insitu"] = section_insitu(runner, sizes, steps, warmup, quick)
+    elif section == "baseline":
+        paced_sizes = [x for x in sizes if x in (64 * KIB, 8 * MIB)] or sizes[:1]
+        results["paced"] = section_baseline(runner, paced_sizes, steps, warmup)
+    elif section == "posthoc":
+        results["posthoc"] = section_posthoc(runner, sizes, steps, warmup)
+    elif section == "adios2":
+        results["adios2"] = section_adios2(runner, sizes, steps, warmup)
+    elif section == "sched":
+        results["sched"] = section_sched(50)
+    elif section == "scaling":
+        results["scaling"] = section_scaling(runner, min(steps, 50))
+    elif section == "memory":
+        results["memory"] = section_memory(runner, 1000)
+    else:
+        raise ValueError(f"unknown section {section!r}")
 
 
 if __name__ == "__main__":

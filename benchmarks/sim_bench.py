@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
@@ -41,6 +42,12 @@ def main() -> int:
 
         spec = insitu.ArraySpec("u", (rows * size, cols), "f8", start=(rows * rank, 0), shape=(rows, cols))
         bridge = insitu.Bridge([spec], comm=world, run=opt["run"], in_flight=opt.get("in_flight", 2))
+    adios_stream = None
+    if opt.get("adios2"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from peer_adios2 import writer
+
+        adios_stream, _adios = writer(opt["adios2"], rank)
     init_s = time.perf_counter() - t_init
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sends, loops = [], []
@@ -62,6 +69,10 @@ def main() -> int:
             first_send_wall = time.time()
         if bridge is not None:
             bridge.send(step, u=block)
+        elif adios_stream is not None:
+            adios_stream.begin_step()
+            adios_stream.write("u", block, block.shape, (0, 0), block.shape)
+            adios_stream.end_step()
         elif opt.get("posthoc"):
             np.save(os.path.join(opt["posthoc"], f"s{step:06d}-r{rank:04d}.npy"), block)
         t2 = time.perf_counter()
@@ -70,6 +81,8 @@ def main() -> int:
             loops.append(t2 - t0)
     if bridge is not None:
         bridge.close()
+    if adios_stream is not None:
+        adios_stream.close()
     rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {
         "rank": rank,
