@@ -399,11 +399,10 @@ class Bridge:
         self._drain()
         agreed = self._reduce(step_i, error is not None, False)
         if agreed[_ERR] or agreed[_STEP_MAX] != -agreed[_STEP_MIN]:
-            if error is None and agreed[_STEP_MAX] != -agreed[_STEP_MIN] and not agreed[_ERR]:
+            if error is None and not agreed[_ERR]:  # only the steps disagree: every rank reports it
                 error = SendError(f"ranks passed different steps ({-agreed[_STEP_MIN]} to {agreed[_STEP_MAX]})")
             report = None if error is None else (self.rank, type(error).__name__, str(error))
-            raise_common(self._comm.allgather(report))
-            raise SendError(f"ranks passed different steps ({-agreed[_STEP_MIN]} to {agreed[_STEP_MAX]})")
+            raise_common(self._comm.allgather(report))  # at least one rank reported: always raises
         self._last_step = step_i
         self._apply_steering(int(-agreed[_VERSION]))
         if agreed[_FAILED]:

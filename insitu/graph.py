@@ -90,8 +90,13 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _run_local(payload: bytes, out_keys: list[Hashable], arrays: Sequence[Any]) -> list[Any]:
-    graph = _load(payload, arrays)
+# A node-local subgraph travels as (key, pickled task, indices into the call's object refs):
+# the per-task pickles made to find the refs are reused, never pickled a second time.
+_Subgraph = list[tuple[Hashable, bytes, tuple[int, ...]]]
+
+
+def _run_local(tasks: _Subgraph, out_keys: list[Hashable], arrays: Sequence[Any]) -> list[Any]:
+    graph = {key: _load(payload, [arrays[i] for i in index]) for key, payload, index in tasks}
     return list(dask.local.get_sync(graph, out_keys))  # type: ignore[arg-type]
 
 
@@ -103,9 +108,9 @@ class NodeExecutor:
     with the analytics process, and a crash in user code never touches the data path.
     """
 
-    def run(self, payload: bytes, out_keys: list[Hashable], *arrays: Any) -> list[Any]:
+    def run(self, tasks: _Subgraph, out_keys: list[Hashable], *arrays: Any) -> list[Any]:
         """Run a subgraph; refs arrive as zero-copy read-only arrays from the local store."""
-        return _run_local(payload, out_keys, arrays)
+        return _run_local(tasks, out_keys, arrays)
 
 
 def executor_on(node: str, cpus: float) -> Any:
@@ -166,9 +171,17 @@ class NodeScheduler:
             outputs = [k for k in members if k in wanted or dependents[k] - member_set]
             if not outputs:
                 continue
-            sub = {k: graph[k] for k in needed}
-            payload, refs = _dump(sub)
-            fut = self._executor(node).run.remote(payload, outputs, *refs)
+            call_refs: list[Any] = []
+            slot: dict[str, int] = {}
+            tasks: _Subgraph = []
+            for k in needed:
+                blob, task_refs = payloads[k]
+                for ref in task_refs:
+                    if ref.hex() not in slot:
+                        slot[ref.hex()] = len(call_refs)
+                        call_refs.append(ref)
+                tasks.append((k, blob, tuple(slot[ref.hex()] for ref in task_refs)))
+            fut = self._executor(node).run.remote(tasks, outputs, *call_refs)
             futures.append((outputs, fut))
             self.remote_calls += 1
         cache: dict[Hashable, Any] = {}

@@ -95,6 +95,8 @@ def main() -> int:
                 kwargs["u"] = u.tolist()
             elif kind == "step":
                 send_step = -1
+            elif kind == "mismatch":
+                send_step = step + 1000
             elif kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
         before = bridge.stats
