@@ -133,7 +133,6 @@ class NodeScheduler:
     def __init__(self, where: Mapping[str, str], executor: Callable[[str], Any]) -> None:
         self._where = where
         self._executor = executor
-        self.remote_calls = 0
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         if not isinstance(dsk, Mapping):
@@ -183,7 +182,6 @@ class NodeScheduler:
                 tasks.append((k, blob, tuple(slot[ref.hex()] for ref in task_refs)))
             fut = self._executor(node).run.remote(tasks, outputs, *call_refs)
             futures.append((outputs, fut))
-            self.remote_calls += 1
         cache: dict[Hashable, Any] = {}
         for outputs, fut in futures:
             cache.update(zip(outputs, ray.get(fut), strict=True))

@@ -72,10 +72,6 @@ class NodeActor:
         self._server = await asyncio.start_unix_server(self._serve, path=address)
         return address
 
-    async def node_id(self) -> str:
-        """The Ray node this actor runs on (for tests)."""
-        return ray.get_runtime_context().get_node_id()
-
     async def update(self, status: Status) -> None:
         """Receive a status from the head and forward it to every connected rank, in push order."""
         self._early[status.seq] = status
