@@ -6,6 +6,7 @@ anything imports ray, and the session's cluster writes its token there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_BASE / "auth_token")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 NODES = 2
+_STARTED: list[subprocess.Popen[str]] = []
 
 
 @dataclass
@@ -102,7 +104,20 @@ def start_sim(cluster: Any, ranks: int, options: dict[str, Any], env: dict[str, 
     with open(logs / "stdout.txt", "w") as out, open(logs / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, env=full, stdout=out, stderr=err, text=True, start_new_session=True)
     proc.events_dir = options["events"]  # type: ignore[attr-defined]
+    _STARTED.append(proc)
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_simulation_outlives_its_test() -> Iterator[None]:
+    """A test that fails before ``finish_sim`` must not leave its mpiexec to the next test."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def finish_sim(proc: subprocess.Popen[str], timeout: float = 120) -> SimResult:

@@ -38,6 +38,7 @@ __all__ = ["HeadActor", "head_name", "get_or_create_head"]
 
 log = logging.getLogger(__name__)
 _NO_STEP = -(2**62)
+_FAILURE_GRACE = 0.5  # seconds to collect the other ranks a launcher kills after the first death
 
 
 def head_name(run: str) -> str:
@@ -75,6 +76,7 @@ class HeadActor:
         self._event: asyncio.Event | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._torn_down = False
+        self._dead_ranks: dict[int, str] = {}
 
     # -- helpers -----------------------------------------------------------------
     def _wake(self) -> None:
@@ -171,10 +173,22 @@ class HeadActor:
             self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_nodes.values())))
 
     async def rank_failed(self, node: str, rank: int) -> None:
-        """A rank disconnected without closing (crash, kill)."""
-        self._finish(
-            RunEnd(EndReason.SIMULATION_FAILED, f"simulation rank {rank} (node {node[:12]}) died before closing")
-        )
+        """A rank disconnected without closing (crash, kill).
+
+        MPI launchers kill the other ranks as soon as one dies, and the node actors
+        notice the disconnections in any order, so the failures seen within
+        ``_FAILURE_GRACE`` seconds of the first are reported together.
+        """
+        first = not self._dead_ranks
+        self._dead_ranks.setdefault(rank, node)
+        if first:
+            asyncio.get_running_loop().call_later(_FAILURE_GRACE, self._report_dead_ranks)
+
+    def _report_dead_ranks(self) -> None:
+        dead = sorted(self._dead_ranks.items())
+        which = ", ".join(f"{rank} (node {node[:12]})" for rank, node in dead)
+        noun = "rank" if len(dead) == 1 else "ranks"
+        self._finish(RunEnd(EndReason.SIMULATION_FAILED, f"simulation {noun} {which} died before closing"))
 
     async def ping(self) -> None:
         """Start the reclamation watchdog (called once by whoever gets the handle)."""
