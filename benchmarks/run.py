@@ -302,6 +302,64 @@ def section_adios2(runner: Runner, sizes: list[int], steps: int, warmup: int) ->
     return rows
 
 
+DEISA_PIN = "deisa-ray==0.1.8"
+
+
+def deisa_venv() -> Path:
+    """Build (once) the deisa-ray virtualenv: it needs Python >= 3.12 and pins its own dask.
+
+    The Python is ``$INSITU_BENCH_PYTHON312``, else ``python3.12`` on PATH, else a pyenv 3.12;
+    the virtualenv lives in ``$INSITU_BENCH_CACHE`` (default ``~/.cache/insitu-bench``).
+    """
+    cache = Path(os.environ.get("INSITU_BENCH_CACHE", Path.home() / ".cache" / "insitu-bench"))
+    venv = cache / "deisa-venv"
+    py = venv / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", "import deisa.ray, ray.util.client"],
+                                      capture_output=True, check=False).returncode == 0:  # fmt: skip
+        return py
+    candidates = [os.environ.get("INSITU_BENCH_PYTHON312"), shutil.which("python3.12"),
+                  *sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob("3.12*/bin/python"))]  # fmt: skip
+    base = next((c for c in candidates if c and Path(c).exists()), None)
+    if base is None:
+        raise FileNotFoundError("no Python 3.12 found (deisa-ray needs >= 3.12): set INSITU_BENCH_PYTHON312")
+    shutil.rmtree(venv, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
+    # ray[client]: LocalCluster pins the client-server port; mpich: the same MPI wheel as insitu's
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", DEISA_PIN, "ray[client]==2.60.0", "mpich"],
+                         capture_output=True, text=True, timeout=1200, check=False)  # fmt: skip
+    if pip.returncode != 0:
+        raise RuntimeError(f"pip install {DEISA_PIN} failed:\n{pip.stderr[-2000:]}")
+    return py
+
+
+def section_deisa(sizes: list[int], steps: int, warmup: int) -> list[dict[str, Any]] | str:
+    """Peer: deisa-ray in its own virtualenv and its own Ray cluster, same simulation and analytics."""
+    try:
+        py = deisa_venv()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        reason = f"skipped: could not build the deisa-ray virtualenv ({exc})"
+        print(f"deisa   {reason}", flush=True)
+        return reason
+    cases: list[dict[str, Any]] = [{"size": s, "pace": "none"} for s in sizes]
+    cases += [{"size": s, "pace": "sleep", "pace_arg": 0.2} for s in sizes if s in (64 * KIB, 8 * MIB)]
+    out = Path(tempfile.mkdtemp(prefix="insitu-deisa-out-")) / "rows.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    opt = {"cases": cases, "steps": steps, "warmup": warmup, "ranks": 4, "out": str(out)}
+    proc = subprocess.run([str(py), str(HERE / "peer_deisa.py"), "orchestrate", json.dumps(opt)], env=env,
+                          capture_output=True, text=True, timeout=3600, check=False)  # fmt: skip
+    rows: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
+    shutil.rmtree(out.parent, ignore_errors=True)
+    for row in rows:
+        print(f"deisa   {row['size'] // KIB:>7} KiB {row['pace']:5}: send median {_fmt_ms(row['send_median_s'])} ms "
+              f"p95 {_fmt_ms(row['send_p95_s'])} ms; loop {_fmt_ms(row['loop_median_s'])} ms; "
+              f"e2e/step {_fmt_ms(row['e2e_per_step_s'])} ms", flush=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"deisa-ray peer failed after {len(rows)} of {len(cases)} cases:\n{proc.stderr[-3000:]}")
+    return rows
+
+
 def section_scaling(runner: Runner, steps: int) -> list[dict[str, Any]]:
     """Time per step / one-copy floor of the same bytes, and head messages per step, 1-16 ranks on 1-4 raylets."""
     rows = []
@@ -399,10 +457,39 @@ def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
     return out
 
 
+def compare(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Peers against insitu on the same work (back-to-back, window 1), as ratios from this run."""
+    rows = []
+    ours = {r["size"]: r for r in results.get("insitu", []) if r["pace"] == "b2b" and r["window"] == 1}
+    base = {r["size"]: r for r in results.get("paced", []) if r["pace"] == "sleep"}
+    for peer in ("deisa", "adios2", "posthoc"):
+        if not isinstance(results.get(peer), list):
+            continue
+        for row in results[peer]:
+            mine = ours.get(row["size"])
+            if row.get("pace", "none") == "sleep":
+                b = base.get(row["size"])
+                if b is not None:
+                    slow = row["loop_median_s"] / statistics.mean(b["baseline_loop_s"]) - 1
+                    rows.append({"peer": peer, "size": row["size"], "slowdown_sleep": slow,
+                                 "insitu_slowdown_sleep": b["slowdown"]})  # fmt: skip
+                    print(f"compare {peer:7} {row['size'] // KIB:>7} KiB sleep-paced slowdown {slow * 100:+7.2f} % "
+                          f"(insitu {b['slowdown'] * 100:+6.2f} %)", flush=True)  # fmt: skip
+                continue
+            if mine is None or not mine.get("e2e_per_step_s"):
+                continue
+            speedup = row["e2e_per_step_s"] / mine["e2e_per_step_s"]
+            rows.append({"peer": peer, "size": row["size"], "e2e_speedup": speedup,
+                         "send_ratio": row["send_median_s"] / mine["send_median_s"]})  # fmt: skip
+            print(f"compare {peer:7} {row['size'] // KIB:>7} KiB: insitu end-to-end {speedup:7.2f}x faster, "
+                  f"send {rows[-1]['send_ratio']:7.2f}x cheaper", flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: floor and insitu at 64 KiB, 5 steps")
-    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,adios2,sched,scaling,memory")
+    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,adios2,deisa,sched,scaling,memory")
     p.add_argument("--sizes", default=f"{64 * KIB},{512 * KIB},{8 * MIB},{32 * MIB}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=str(HERE / "results" / "results.json"))
@@ -425,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault("errors", {})[section] = f"{type(exc).__name__}: {exc}"
                 print(f"{section:7} FAILED: {type(exc).__name__}: {exc}", flush=True)
             out.write_text(json.dumps(results, indent=1))
+        results["compare"] = compare(results)
+        out.write_text(json.dumps(results, indent=1))
     finally:
         runner.close()
     print(f"results written to {out}")
@@ -450,6 +539,8 @@ def run_section(section: str, runner: Runner, results: dict[str, Any], sizes: li
         results["posthoc"] = section_posthoc(runner, sizes, steps, warmup)
     elif section == "adios2":
         results["adios2"] = section_adios2(runner, sizes, steps, warmup)
+    elif section == "deisa":
+        results["deisa"] = section_deisa(sizes, steps, warmup)
     elif section == "sched":
         results["sched"] = section_sched(50)
     elif section == "scaling":

@@ -48,6 +48,12 @@ def main() -> int:
         from peer_adios2 import writer
 
         adios_stream, _adios = writer(opt["adios2"], rank)
+    deisa = None
+    if opt.get("deisa"):
+        from deisa.ray import Bridge as DeisaBridge
+
+        meta = {"u": {"global_shape": (rows * size, cols), "chunk_shape": (rows, cols), "chunk_position": (rank, 0)}}
+        deisa = DeisaBridge(comm=world, arrays_metadata=meta)
     init_s = time.perf_counter() - t_init
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sends, loops = [], []
@@ -69,6 +75,8 @@ def main() -> int:
             first_send_wall = time.time()
         if bridge is not None:
             bridge.send(step, u=block)
+        elif deisa is not None:
+            deisa.send("u", block, step)
         elif adios_stream is not None:
             adios_stream.begin_step()
             adios_stream.write("u", block, block.shape, (0, 0), block.shape)
@@ -83,6 +91,13 @@ def main() -> int:
         bridge.close()
     if adios_stream is not None:
         adios_stream.close()
+    if deisa is not None:  # its ranks own the chunks: wait until the analytics has read the last one
+        end = time.monotonic() + opt["deisa"]["deadline"]
+        while deisa.get(opt["deisa"]["done_key"], timestep=warmup + steps - 1) is None:
+            if world.bcast(time.monotonic() > end, root=0):  # the same decision on every rank
+                raise TimeoutError(f"rank {rank}: the deisa-ray analytics did not read step {warmup + steps - 1}")
+            time.sleep(0.05)
+        deisa.close(warmup + steps)
     rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {
         "rank": rank,
