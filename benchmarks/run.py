@@ -395,14 +395,12 @@ def section_sched(repeat: int) -> dict[str, float]:
                          tuple(((i, j), 2 * i + j) for i in range(2) for j in range(2)))  # fmt: skip
     window, where, arrays, local = [], {}, [], []
     for step in range(3):
-        chunks = []
-        for (i, j), _ in layout.owners:
-            ref = ray.put(np.full((128, 128), float(step)))
-            where[ref.hex()] = node
-            chunks.append(ChunkRef("u", (i, j), ref, node))
+        blocks = tuple(np.full((128, 128), float(step)) for _ in layout.owners)
+        ref = ray.put(blocks)  # one object per node step, as the node actor stores it
+        where[ref.hex()] = node
+        chunks = [ChunkRef("u", ij, ref, node, k) for k, (ij, _) in enumerate(layout.owners)]
         window.append(make_array(layout, step, chunks, "bench"))
-        arrays.append(np.concatenate([np.concatenate([ray.get(c.ref) for c in chunks[:2]], 1),
-                                      np.concatenate([ray.get(c.ref) for c in chunks[2:]], 1)], 0))  # fmt: skip
+        arrays.append(np.block([[blocks[0], blocks[1]], [blocks[2], blocks[3]]]))
         local.append(da.from_array(arrays[-1], chunks=(128, 128)))
     executor = executor_on(node, 0)
     sched = NodeScheduler(where, lambda _node: executor)
@@ -430,18 +428,18 @@ def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
 
     chunk = 64 * KIB
 
-    def chunk_objects() -> int:
-        # the store adds a few hundred bytes of metadata to each chunk
+    def chunk_bytes() -> int:
+        # a node actor stores a step's blocks as one object (plus a few hundred bytes of metadata)
         objs = list_objects(address=runner.cluster.address, limit=10000, raise_on_missing_output=False)
-        return len({o.object_id for o in objs if chunk <= (o.object_size or 0) < chunk + 4096})
+        return sum({o.object_id: o.object_size or 0 for o in objs if (o.object_size or 0) >= chunk}.values())
 
     samples: list[int] = []
     runner.sim(4, {"chunk": chunk, "steps": steps, "warmup": 0}, analytics=mean_of_window, window=3,
-               sample=lambda step: samples.append(chunk_objects()) if step % 100 == 0 else None)  # fmt: skip
+               sample=lambda step: samples.append(chunk_bytes()) if step % 100 == 0 else None)  # fmt: skip
     time.sleep(2)
-    left = chunk_objects()
-    out: dict[str, Any] = {"steps": steps, "max_chunk_objects": max(samples), "bound_objects": (3 + 2) * 4,
-                           "max_object_store_bytes": max(samples) * chunk, "objects_after_close": left}  # fmt: skip
+    left = chunk_bytes()
+    out: dict[str, Any] = {"steps": steps, "max_object_store_bytes": max(samples),
+                           "bound_bytes": (3 + 2) * 4 * chunk * 1.25, "bytes_after_close": left}  # fmt: skip
     for ranks in (4, 16):
         nodes = min(4, len(runner.cluster.node_ips))
         base = runner.sim(ranks, {"chunk": chunk, "steps": 5, "warmup": 0, "insitu": False}, nodes=nodes)
@@ -451,8 +449,8 @@ def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
             "rss_added_other_mb": r["rss_added_other_mb"] - base["rss_added_other_mb"],
             "startup_s": r["init_rank0_s"],
         }
-    print(f"memory  {steps} steps of 64 KiB, window 3: at most {out['max_chunk_objects']} chunk objects "
-          f"(bound {out['bound_objects']}), {left} left after close; per rank at 4/16 ranks: "
+    print(f"memory  {steps} steps of 4 x 64 KiB, window 3: at most {out['max_object_store_bytes'] / KIB:.0f} KiB "
+          f"of chunks (bound {out['bound_bytes'] / KIB:.0f} KiB), {left} bytes left after close; per rank at 4/16: "
           f"{out['ranks4']} / {out['ranks16']}", flush=True)  # fmt: skip
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
 import pickle
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: 
     The returned array has a ``step`` attribute.
     """
     name = f"insitu-{run}-{layout.name}-{step}"
-    graph = {(name, *c.block): c.ref for c in chunks}
+    graph = {(name, *c.block): (operator.getitem, c.ref, c.index) for c in chunks}
     dtype = np.dtype(layout.dtype)
     arr = da.Array(
         HighLevelGraph.from_collections(name, graph, dependencies=[]),  # type: ignore[arg-type]

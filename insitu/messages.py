@@ -97,12 +97,17 @@ class SimInfo:
 
 @dataclass(frozen=True, slots=True)
 class ChunkRef:
-    """One block of one array at one step, held in the object store of ``node``."""
+    """One block of one array at one step, held in the object store of ``node``.
+
+    The node actor stores all blocks of its node's step as one object (one ``ray.put``
+    per node and step): ``index`` is this block's position in that object's tuple.
+    """
 
     array: str
     block: tuple[int, ...]
     ref: Any
     node: str
+    index: int
 
 
 @dataclass(frozen=True, slots=True)

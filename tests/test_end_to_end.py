@@ -48,8 +48,10 @@ def test_fields_placement_and_one_message_per_node(cluster: Any, ranks: int) -> 
         assert arr.step == step
         seen[step] = arr.compute()
         means[step] = float(arr.mean().compute())
-        refs = {k[1:]: v for k, v in arr.dask.items()}
-        assert all(isinstance(v, ray.ObjectRef) for v in refs.values()), "graph leaves must be the chunks' refs"
+        # each graph leaf picks its block out of its node's step object: (getitem, ref, index)
+        leaves = {k[1:]: v for k, v in arr.dask.items()}
+        assert all(isinstance(v[1], ray.ObjectRef) for v in leaves.values()), "graph leaves must be the chunks' refs"
+        refs = {block: v[1] for block, v in leaves.items()}
         locs = ray.experimental.get_object_locations(list(refs.values()))
         locations.extend((block, locs[ref]["node_ids"]) for block, ref in refs.items())
         if step == steps - 1:

@@ -52,7 +52,7 @@ class NodeActor:
         self._head = head
         self._expected = frozenset(ranks)
         self._ranks: dict[int, _RankState] = {}
-        self._pending: dict[int, dict[int, tuple[ChunkRef, ...]]] = {}
+        self._pending: dict[int, dict[int, tuple[_RankState, int]]] = {}  # step -> rank -> (rank, slot)
         self._status: Status | None = None
         self._history: list[Any] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="insitu-put")
@@ -104,9 +104,15 @@ class NodeActor:
                 tag = msg[0]
                 if tag == Wire.CHUNKS and state is not None:
                     _, step, slot = msg
-                    chunks = await loop.run_in_executor(self._executor, self._put, state, slot)
-                    writer.write(encode_frame((Wire.FREE, slot)))
-                    self._collect(step, state.rank, chunks)
+                    have = self._pending.setdefault(step, {})
+                    have[state.rank] = (state, slot)
+                    if len(have) == len(self._expected):  # the node's step is complete: one put for all
+                        del self._pending[step]
+                        chunks = await loop.run_in_executor(self._executor, self._put, [have[r] for r in sorted(have)])
+                        for st, sl in have.values():
+                            st.writer.write(encode_frame((Wire.FREE, sl)))
+                        self._head.node_step.remote(NodeStep(self._node, step, chunks, self._messages))
+                        self._messages += 1
                 elif tag == Wire.HELLO:
                     state = self._hello(msg, writer)
                 elif tag == Wire.CLOSE and state is not None:
@@ -156,19 +162,20 @@ class NodeActor:
             writer.write(encode_frame((Wire.STATUS, full)))
         return state
 
-    def _put(self, state: _RankState, slot: int) -> tuple[ChunkRef, ...]:
-        out = []
-        base = slot * state.stride
-        for name, block, shape, dtype, offset in state.arrays:
-            view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset)
-            out.append(ChunkRef(name, block, ray.put(view), self._node))
-        return tuple(out)
+    def _put(self, ranks: list[tuple[_RankState, int]]) -> tuple[ChunkRef, ...]:
+        """Copy every block of one step of this node into the object store as one object.
 
-    def _collect(self, step: int, rank: int, chunks: tuple[ChunkRef, ...]) -> None:
-        have = self._pending.setdefault(step, {})
-        have[rank] = chunks
-        if len(have) == len(self._expected):
-            del self._pending[step]
-            allchunks = tuple(c for r in sorted(have) for c in have[r])
-            self._head.node_step.remote(NodeStep(self._node, step, allchunks, self._messages))
-            self._messages += 1
+        One ``ray.put`` per node and step instead of one per block: ``put`` costs ~1 ms of
+        this actor's CPU regardless of size at small sizes (profiled), and the blocks of a
+        step are freed together anyway.
+        """
+        views, meta = [], []
+        for state, slot in ranks:
+            base = slot * state.stride
+            for name, block, shape, dtype, offset in state.arrays:
+                views.append(np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset))
+                meta.append((name, block))
+        if not views:
+            return ()
+        ref = ray.put(tuple(views))
+        return tuple(ChunkRef(name, block, ref, self._node, i) for i, (name, block) in enumerate(meta))
