@@ -393,9 +393,15 @@ class Bridge:
         AnalyticsFailedError
             Policy ``raise`` and the analytics failed.
         """
+        self._send(step, arrays)
+
+    def _send(self, step: int, arrays: Mapping[str, Any], local_error: SendError | None = None) -> None:
+        """``send`` with an error the caller already found on this rank (used by the C shim):
+        the step is then rejected on every rank, never on this rank alone."""
         if self._closed:
             raise InsituError("send() on a closed Bridge")
         step_i, error = self._check(step, arrays)
+        error = local_error or error
         self._drain()
         agreed = self._reduce(step_i, error is not None, False)
         if agreed[_ERR] or agreed[_STEP_MAX] != -agreed[_STEP_MIN]:

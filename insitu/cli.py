@@ -99,11 +99,23 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
+    if args.what:
+        from insitu.shim import main_config
+
+        print(main_config(args.what, args.prefix))
+        return 0
     cfg = Config.from_env()
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         value = value.value if hasattr(value, "value") else value
         print(f"INSITU_{f.name.upper():22} {value}")
+    return 0
+
+
+def _build_shim(args: argparse.Namespace) -> int:
+    from insitu.shim import build_shim
+
+    print(build_shim(args.prefix, mpi_library=args.mpi_library, force=args.force))
     return 0
 
 
@@ -123,8 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--deadline", type=float, default=120.0)
     d.add_argument("--out", default="insitu-demo-output")
     d.set_defaults(fn=_demo)
-    c = sub.add_parser("config", help="print the effective configuration (INSITU_* variables)")
-    c.set_defaults(fn=_config)
+    c = sub.add_parser("config", help="print the effective configuration (INSITU_* variables), or build flags")
+    flags = c.add_mutually_exclusive_group()
+    for flag, text in (("cflags", "compiler flags for insitu.h"), ("libs", "linker flags for libinsitu"),
+                       ("libdir", "directory of libinsitu.so (for LD_LIBRARY_PATH)"),
+                       ("fortran", "path of the Fortran module source insitu.f90"),
+                       ("prefix", "the build directory")):  # fmt: skip
+        flags.add_argument(f"--{flag}", dest="what", action="store_const", const=flag,
+                           help=f"{text} (builds libinsitu first if needed)")  # fmt: skip
+    c.add_argument("--shim-dir", dest="prefix", default=None, help="build directory (default INSITU_SHIM_DIR)")
+    c.set_defaults(fn=_config, what=None)
+    b = sub.add_parser("build-shim", help="build libinsitu.so, the C/Fortran shim, for this Python")
+    b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR or sim_adapters/c/build)")
+    b.add_argument("--mpi-library", default=None, help="the simulation's libmpich.so.12 (default: Debian's)")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(fn=_build_shim)
     i = sub.add_parser("debug-info", help="versions of everything, for bug reports")
     i.set_defaults(fn=lambda _: (__import__("insitu").print_debug_info(), 0)[1])
     args = p.parse_args(argv)
