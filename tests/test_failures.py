@@ -249,7 +249,8 @@ def test_memory_stays_bounded_over_1000_steps(cluster: Any) -> None:
     summary = analytics.run()
     assert finish_sim(proc, timeout=300).returncode == 0
     assert summary.steps == 1000
-    bound = (window + in_flight) * step_bytes * 1.25  # the issue's object-store bound
+    # window + in flight, plus two steps whose release is still travelling (Ray frees asynchronously)
+    bound = (window + in_flight + 2) * step_bytes * 1.01
     assert sizes and max(sizes) <= bound, (sizes, bound)
     assert min(sizes) >= window * step_bytes, f"the windows' own chunks must be counted: {sizes}"
     assert wait_gone(run)
