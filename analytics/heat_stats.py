@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png-every", type=int, default=0, help="write a PNG every K steps (0: never)")
     p.add_argument("--total-steps", type=int, default=None, help="for the progress bar")
     p.add_argument("--print-every", type=int, default=1)
+    p.add_argument("--placement", type=Path, default=None, help="write which node holds each block (step 0)")
     p.add_argument("--fail-at", type=int, default=None, help="test aid: raise in the callback at this step")
     p.add_argument("--park-at", type=int, default=None, help="test aid: sleep 3600 s at this step")
     args = p.parse_args(argv)
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"injected failure at step {step}")
         if args.park_at is not None and step == args.park_at:
             time.sleep(3600)
+        if args.placement is not None and step == 0:
+            from insitu.graph import block_locations
+
+            where = {",".join(map(str, b)): ips for b, ips in block_locations(u).items()}
+            layout = next(lay for lay in analytics.info.layouts if lay.name == "temperature")
+            owners = {",".join(map(str, b)): r for b, r in layout.owners}
+            args.placement.write_text(json.dumps({"blocks": where, "owners": owners}))
         lo, mean, hi = dask.compute(u.min(), u.mean(), u.max())
         stats.setdefault(step, {}).update(min=float(lo), mean=float(mean), max=float(hi))
         if args.threshold is not None and hi < args.threshold and not stop_sent:

@@ -112,6 +112,39 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from insitu.slurm import JobSpec, render_job, submit
+
+    spec = JobSpec(nodes=args.nodes, ranks_per_node=args.ranks_per_node, simulation=args.simulation,
+                   analytics=args.analytics, placement=args.placement, ray_cpus=args.ray_cpus, time=args.time,
+                   step_bytes=args.step_bytes, window=args.window, in_flight=args.in_flight, mpi=args.mpi,
+                   job_name=args.job_name)  # fmt: skip
+    if args.dry_run:
+        print(render_job(spec), end="")
+        return 0
+    print(submit(spec, Path(args.script), args.sbatch_args))
+    return 0
+
+
+def _steer(args: argparse.Namespace) -> int:
+    import json
+
+    from insitu.config import Config
+    from insitu.slurm import steer
+
+    key, _, raw = args.assignment.partition("=")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    cfg = Config.from_env()
+    steer(args.address or cfg.address, args.run, key, value, namespace=cfg.namespace)
+    print(f"run {args.run}: {key} = {value!r}")
+    return 0
+
+
 def _build_shim(args: argparse.Namespace) -> int:
     from insitu.shim import build_shim
 
@@ -145,6 +178,29 @@ def main(argv: list[str] | None = None) -> int:
                            help=f"{text} (builds libinsitu first if needed)")  # fmt: skip
     c.add_argument("--shim-dir", dest="prefix", default=None, help="build directory (default INSITU_SHIM_DIR)")
     c.set_defaults(fn=_config, what=None)
+    la = sub.add_parser("launch", help="write a SLURM batch script for a coupled run and submit it")
+    la.add_argument("--nodes", type=int, required=True)
+    la.add_argument("--ranks-per-node", type=int, required=True)
+    la.add_argument("--simulation", required=True, help="simulation command line (run by srun on every rank)")
+    la.add_argument("--analytics", required=True, help="analytics command line")
+    la.add_argument("--placement", choices=("colocated", "dedicated"), default="colocated",
+                    help="analytics next to the simulation, or on the last node alone")  # fmt: skip
+    la.add_argument("--ray-cpus", type=int, default=1, help="cores per node reserved for Ray and the analytics")
+    la.add_argument("--time", default="00:30:00")
+    la.add_argument("--step-bytes", type=int, default=64 << 20, help="bytes one node sends per step")
+    la.add_argument("--window", type=int, default=2)
+    la.add_argument("--in-flight", type=int, default=2)
+    la.add_argument("--mpi", default="pmi2", help="srun --mpi plugin (pmi2 for MPICH, pmix for Open MPI)")
+    la.add_argument("--job-name", default="insitu")
+    la.add_argument("--script", default="insitu-job.sbatch", help="where to write the batch script")
+    la.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
+    la.add_argument("sbatch_args", nargs="*", help="extra sbatch options (after --)")
+    la.set_defaults(fn=_launch)
+    st = sub.add_parser("steer", help="set a steering value of a running run (e.g. stop=true)")
+    st.add_argument("--run", required=True)
+    st.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
+    st.add_argument("assignment", help="key=value; the value is JSON if it parses, else a string")
+    st.set_defaults(fn=_steer)
     b = sub.add_parser("build-shim", help="build libinsitu.so, the C/Fortran shim, for this Python")
     b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR or sim_adapters/c/build)")
     b.add_argument("--mpi-library", default=None, help="the simulation's libmpich.so.12 (default: Debian's)")

@@ -188,7 +188,7 @@ def test_bad_calls_return_the_documented_status(cluster: Any, built: dict[str, A
 
 @needs_mpich
 def test_heat2d_c_without_a_cluster_finishes_with_one_logged_error(built: dict[str, Any]) -> None:
-    settings = {"INSITU_ADDRESS": "127.0.0.1:9", "INSITU_RUN": "no-cluster", "INSITU_DEADLINE": "10"}
+    settings = {"INSITU_ADDRESS": "127.0.0.1:9", "INSITU_RUN": "no-cluster", "INSITU_DEADLINE": "3"}
     cmd = [MPIEXEC or "", "-n", "4", str(built["exe"]["c"]), "--nx", "20", "--ny", "20", "--steps", "30"]
     proc = subprocess.run(cmd, env=_clean_env(built, settings), capture_output=True, text=True, timeout=120,
                           check=False)  # fmt: skip
@@ -212,7 +212,7 @@ def test_stub_build_runs_without_insitu(built: dict[str, Any]) -> None:
 
 @needs_mpich
 def test_mpi_seen_from_c_is_the_mpi_of_the_embedded_mpi4py(built: dict[str, Any]) -> None:
-    settings = {"INSITU_ADDRESS": "127.0.0.1:9", "INSITU_DEADLINE": "10"}
+    settings = {"INSITU_ADDRESS": "127.0.0.1:9", "INSITU_DEADLINE": "2"}
     proc = subprocess.run([MPIEXEC or "", "-n", "1", str(built["exe"]["mpiver"])], env=_clean_env(built, settings),
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,6 +15,8 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     print(f"rank {world.Get_rank()} stopped after step {last}", file=sys.stderr, flush=True)
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"rank {world.Get_rank()} host {host} insitu node {os.environ.get('INSITU_NODE', '')}", file=sys.stderr)
     cart.Free()
     return 0
 

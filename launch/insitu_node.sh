@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Per-node helpers of insitu.sbatch, run inside srun steps (one task per node unless said otherwise).
+#
+#   insitu_node.sh ip              print this node's Ray IP
+#   insitu_node.sh ports BASE      exit 1 (and name them) if any port of this node's block is taken
+#   insitu_node.sh ray             run this node's raylet in the foreground (head on the first node)
+#   insitu_node.sh rank CMD...     run one simulation rank with INSITU_NODE set to this node's raylet
+#
+# This node's IP: $INSITU_NODE_IP if set; else the address of $INSITU_IFACE; else, when
+# INSITU_EMULATED_NODES=1 (several emulated nodes on one host), 127.0.0.(20 + node index);
+# else the first address of `hostname -I`.
+set -euo pipefail
+
+node_index() {
+    local i=0 n
+    while read -r n; do
+        if [[ $n == "${SLURMD_NODENAME:?not inside a SLURM step}" ]]; then
+            echo "$i"
+            return
+        fi
+        i=$((i + 1))
+    done < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
+    echo "insitu_node: $SLURMD_NODENAME is not in $SLURM_JOB_NODELIST" >&2
+    return 1
+}
+
+node_ip() {
+    if [[ -n ${INSITU_NODE_IP:-} ]]; then
+        echo "$INSITU_NODE_IP"
+    elif [[ -n ${INSITU_IFACE:-} ]]; then
+        ip -4 -o addr show dev "$INSITU_IFACE" | awk '{print $4}' | cut -d/ -f1 | head -n 1
+    elif [[ ${INSITU_EMULATED_NODES:-0} == 1 ]]; then
+        echo "127.0.0.$((20 + $(node_index)))"
+    else
+        hostname -I | awk '{print $1}'
+    fi
+}
+
+# first port of this node's block: real nodes share one block (distinct IPs); emulated ones get one each
+node_base() {
+    local base=$1
+    if [[ ${INSITU_EMULATED_NODES:-0} == 1 ]]; then
+        echo $((base + 100 * $(node_index)))
+    else
+        echo "$base"
+    fi
+}
+
+cmd=${1:?usage: insitu_node.sh ip|ports BASE|ray|rank CMD...}
+shift
+case "$cmd" in
+ip) node_ip ;;
+ports)
+    ip=$(node_ip)
+    first=$(node_base "${1:?base port}")
+    busy=$("${INSITU_PYTHON:-python3}" -c "
+import sys
+from insitu.slurm import busy_ports
+print(' '.join(map(str, busy_ports(sys.argv[1], range(int(sys.argv[2]), int(sys.argv[2]) + 100)))))
+" "$ip" "$first")
+    if [[ -n $busy ]]; then
+        echo "$SLURMD_NODENAME ($ip): ports in use: $busy"
+        exit 1
+    fi
+    ;;
+ray)
+    ip=$(node_ip)
+    b=$(node_base "${INSITU_RAY_BASE:?}")
+    name=$SLURMD_NODENAME
+    args=(--node-ip-address="$ip" --node-manager-port=$((b + 1)) --object-manager-port=$((b + 2))
+        --dashboard-agent-listen-port=$((b + 5)) --dashboard-agent-grpc-port=$((b + 6))
+        --runtime-env-agent-port=$((b + 7)) --metrics-export-port=$((b + 8))
+        --min-worker-port=$((b + 10)) --max-worker-port=$((b + 99))
+        --num-cpus="${INSITU_RAY_CPUS:-1}" --resources="{\"slurm_node_$name\": 1}"
+        --object-store-memory="${INSITU_STORE_BYTES:?}" --disable-usage-stats --block
+        --temp-dir="${INSITU_RAY_TMP:?}/$name")
+    if [[ $(node_index) == 0 ]]; then
+        exec ray start --head --port="$b" --ray-client-server-port=$((b + 3)) --include-dashboard=false "${args[@]}"
+    fi
+    head=${INSITU_ADDRESS:?}
+    deadline=$((SECONDS + 120))
+    until (exec 3<>"/dev/tcp/${head%:*}/${head##*:}") 2>/dev/null; do
+        if ((SECONDS > deadline)); then
+            echo "$name: the Ray head $head did not come up within 120 s" >&2
+            exit 1
+        fi
+        sleep 0.25
+    done
+    exec ray start --address="$head" "${args[@]}"
+    ;;
+rank)
+    INSITU_NODE=$(node_ip)
+    export INSITU_NODE
+    exec "$@"
+    ;;
+*)
+    echo "insitu_node: unknown command $cmd" >&2
+    exit 2
+    ;;
+esac
