@@ -105,7 +105,7 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float) -> None:
             if time.monotonic() > end:
                 raise StepTimeoutError(
                     f"Ray nodes missing after {deadline:.0f} s: {', '.join(missing)} (joined: "
-                    f"{', '.join(sorted(alive)) or 'none'}); see their ray-<node>.log in the job directory"
+                    f"{', '.join(sorted(alive)) or 'none'}); see ray-node<index>.log in the job directory"
                 )
             time.sleep(0.5)
     finally:

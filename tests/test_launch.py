@@ -1,0 +1,189 @@
+"""SLURM launch against a real SLURM: slurmctld + 3 emulated slurmd nodes on this host.
+
+Needs `slurm-wlm` and `munge` (`.ci/run` installs them); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+SLURM_LOCAL = ROOT / "launch" / "slurm_local.sh"
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("slurmctld") and shutil.which("munged") and shutil.which("sbatch")),
+    reason="SLURM is not installed (apt-get install -y slurm-wlm munge)",
+)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A private SLURM with 3 emulated nodes; the environment its clients need."""
+    base = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "INSITU_SLURM_BASE": str(base), "INSITU_SLURM_PORT": "7957"}
+    subprocess.run([str(SLURM_LOCAL), "start", "3"], env=env, check=True, capture_output=True, timeout=60)
+    env["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+    env["INSITU_EMULATED_NODES"] = "1"
+    for k in [k for k in env if k.startswith(("INSITU_ADDRESS", "INSITU_AUTH", "RAY_"))]:
+        del env[k]  # the job makes its own cluster and token
+    try:
+        yield env
+    finally:
+        subprocess.run([str(SLURM_LOCAL), "stop"], env=env, check=False, capture_output=True, timeout=60)
+
+
+def _submit(slurm: dict[str, str], tmp: Path, sim: str, ana: str, *extra: str, nodes: int = 3) -> tuple[int, Path]:
+    job_dir = tmp / "job"
+    env = {**slurm, "INSITU_JOB_DIR": str(job_dir)}
+    cmd = [sys.executable, "-m", "insitu.cli", "launch", "--nodes", str(nodes), "--ranks-per-node", "2",
+           "--simulation", sim, "--analytics", ana, "--step-bytes", "1000000", "--time", "00:05:00",
+           "--script", str(tmp / "job.sbatch"), "--", f"--output={tmp / 'job.out'}", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    return int(proc.stdout.split()[-1]), job_dir
+
+
+def _wait(slurm: dict[str, str], job: int, timeout: float = 180) -> int:
+    """Wait for the job to end; its exit code (from scontrol, the job is still in slurmctld's memory)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["scontrol", "show", "job", str(job)], env=slurm, capture_output=True, text=True,
+                             check=False).stdout  # fmt: skip
+        state = re.search(r"JobState=(\w+)", out)
+        if state and state[1] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            code = re.search(r"ExitCode=(\d+):(\d+)", out)
+            assert code
+            return int(code[1])
+        time.sleep(1)
+    subprocess.run(["scancel", str(job)], env=slurm, check=False)
+    pytest.fail(f"job {job} did not end within {timeout} s")
+
+
+def _assert_clean(slurm: dict[str, str], job: int) -> None:
+    steps = subprocess.run(["squeue", "-s", "-h", "-j", str(job)], env=slurm, capture_output=True, text=True,
+                           check=False).stdout.strip()  # fmt: skip
+    assert steps == "", f"job steps left: {steps}"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    left = [line for line in ps.splitlines() if f"insitu-ray-{job}" in line]
+    assert left == [], f"Ray processes of job {job} left: {left}"
+    assert not Path(f"/tmp/insitu-ray-{job}").exists()
+
+
+def _heat(dump: Path, steps: int = 30) -> str:
+    return f"python3 sim_adapters/python/heat2d.py --nx 48 --ny 40 --steps {steps} --dump {dump}"
+
+
+def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: dict[str, str],
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    dump, out, placement = tmp_path / "dump", tmp_path / "out", tmp_path / "placement.json"
+    job, job_dir = _submit(slurm, tmp_path, _heat(dump),
+                           f"python3 analytics/heat_stats.py --out {out} --placement {placement}")  # fmt: skip
+    code = _wait(slurm, job)
+    log = (tmp_path / "job.out").read_text()
+    assert code == 0, log + (job_dir / "analytics.log").read_text()[-2000:]
+    stats = {int(k): v for k, v in json.loads((out / "stats.json").read_text())["stats"].items()}
+    assert sorted(stats) == list(range(30))
+    for step, s in stats.items():
+        field = np.load(dump / f"step{step:05d}.npy")
+        assert s["min"] == pytest.approx(field.min())
+        assert s["mean"] == pytest.approx(field.mean())
+        assert s["max"] == pytest.approx(field.max())
+    # each rank's block lives on the raylet of the node the rank ran on
+    hosts = {}
+    for f in job_dir.glob("sim-*.log"):
+        for r, host, ip in re.findall(r"rank (\d+) host (\S+) insitu node (\S+)", f.read_text()):
+            hosts[int(r)] = (host, ip)
+    assert len(hosts) == 6 and len({h for h, _ in hosts.values()}) == 3, hosts
+    for host, ip in hosts.values():
+        assert ip == f"127.0.0.{20 + int(host.removeprefix('node')) - 1}"
+    where = json.loads(placement.read_text())
+    for block, rank in where["owners"].items():
+        assert where["blocks"][block] == [hosts[rank][1]], (block, rank)
+    assert "torn down (exit 0)" in log
+    _assert_clean(slurm, job)
+
+
+def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Path) -> None:
+    jobs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        jobs.append((_submit(slurm, d, _heat(d / "dump", 20), f"python3 analytics/heat_stats.py --out {d / 'out'}"),
+                     d))  # fmt: skip
+    time.sleep(3)
+    running = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], env=slurm, capture_output=True, text=True,
+                             check=False).stdout.split()  # fmt: skip
+    codes = [_wait(slurm, job) for (job, _), _ in jobs]
+    assert codes == [0, 0], [(d / "job.out").read_text() for _, d in jobs]
+    assert len(running) == 2, f"both jobs should run at the same time: {running}"
+    for (job, _), d in jobs:
+        assert len(json.loads((d / "out" / "stats.json").read_text())["stats"]) == 20
+        _assert_clean(slurm, job)
+
+
+def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], tmp_path: Path) -> None:
+    job, job_dir = _submit(slurm, tmp_path, "python3 tests/sims/crash.py",
+                           f"python3 analytics/heat_stats.py --out {tmp_path / 'out'}")  # fmt: skip
+    code = _wait(slurm, job)
+    log = (tmp_path / "job.out").read_text()
+    assert code != 0, log
+    assert "simulation exited with" in log and "torn down" in log
+    assert "died before closing" in (job_dir / "analytics.log").read_text()
+    _assert_clean(slurm, job)
+
+
+def test_time_limit_stops_the_simulation_through_the_signal(slurm: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job, job_dir = _submit(slurm, tmp_path, "python3 sim_adapters/python/heat2d.py --nx 32 --ny 32 --steps 1000000",
+                           f"python3 analytics/heat_stats.py --out {out}", "--time=1",
+                           "--signal=B:USR1@50", nodes=2)  # fmt: skip
+    code = _wait(slurm, job, timeout=150)
+    log = (tmp_path / "job.out").read_text()
+    assert code == 0, log
+    assert "steering value stop=true set" in log
+    logs = "".join(f.read_text() for f in job_dir.glob("sim-*.log"))
+    stopped = {int(s) for s in re.findall(r"stopped after step (\d+)", logs)}
+    assert len(stopped) == 1 and next(iter(stopped)) < 999999, stopped  # every rank stopped at the same step
+    _assert_clean(slurm, job)
+
+
+def test_generated_script_passes_shellcheck(tmp_path: Path) -> None:
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    script = subprocess.run([sys.executable, "-m", "insitu.cli", "launch", "--nodes", "2", "--ranks-per-node", "4",
+                             "--simulation", "./sim --steps 10", "--analytics", "python3 ana.py", "--dry-run"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    (tmp_path / "job.sbatch").write_text(script)
+    for path in (tmp_path / "job.sbatch", ROOT / "launch/insitu.sbatch", *sorted((ROOT / "launch").glob("*.sh"))):
+        proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_object_store_that_does_not_fit_fails_fast() -> None:
+    from insitu.errors import ConfigError
+    from insitu.slurm import check_store, store_bytes
+
+    with pytest.raises(ConfigError, match=r"needs \d+ MiB per node but /dev/shm has"):
+        check_store(store_bytes(1 << 50, 2, 2))
+    with pytest.raises(ConfigError, match="more than half of the job's 1000 MiB"):
+        check_store(store_bytes(100 << 20, 2, 2), mem_per_node_mb=1000)
+
+
+def test_job_spec_rejects_bad_placement() -> None:
+    from insitu.errors import ConfigError
+    from insitu.slurm import JobSpec
+
+    with pytest.raises(ConfigError, match="placement"):
+        JobSpec(nodes=2, ranks_per_node=1, simulation="s", analytics="a", placement="elsewhere")
+    with pytest.raises(ConfigError, match="simulation node"):
+        JobSpec(nodes=1, ranks_per_node=1, simulation="s", analytics="a", placement="dedicated")
