@@ -46,10 +46,15 @@ def port_block(job_id: int, shift: int = 0) -> tuple[int, int]:
 
 
 def busy_ports(ip: str, ports: Sequence[int]) -> list[int]:
-    """The ports of ``ports`` that cannot be bound on ``ip`` (in use by anyone)."""
+    """The ports of ``ports`` that cannot be bound on ``ip`` (in use by anyone).
+
+    Ports only in TIME_WAIT (a previous job's closed connections) count as free, as
+    they do for Ray's own servers.
+    """
     busy = []
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((ip, port))
             except OSError:

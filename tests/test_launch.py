@@ -175,8 +175,8 @@ def test_object_store_that_does_not_fit_fails_fast() -> None:
 
     with pytest.raises(ConfigError, match=r"needs \d+ MiB per node but /dev/shm has"):
         check_store(store_bytes(1 << 50, 2, 2))
-    with pytest.raises(ConfigError, match="more than half of the job's 1000 MiB"):
-        check_store(store_bytes(100 << 20, 2, 2), mem_per_node_mb=1000)
+    with pytest.raises(ConfigError, match="more than half of the job's 800 MiB"):
+        check_store(store_bytes(100 << 20, 2, 2), mem_per_node_mb=800)
 
 
 def test_job_spec_rejects_bad_placement() -> None:
@@ -187,3 +187,30 @@ def test_job_spec_rejects_bad_placement() -> None:
         JobSpec(nodes=2, ranks_per_node=1, simulation="s", analytics="a", placement="elsewhere")
     with pytest.raises(ConfigError, match="simulation node"):
         JobSpec(nodes=1, ranks_per_node=1, simulation="s", analytics="a", placement="dedicated")
+
+
+def test_busy_ports_sees_a_listener_but_not_a_free_port() -> None:
+    import socket
+
+    from insitu.slurm import busy_ports, port_block
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        assert busy_ports("127.0.0.1", [taken]) == [taken]
+    assert busy_ports("127.0.0.1", [taken]) == []
+    assert port_block(7)[0] != port_block(7, shift=1)[0]
+
+
+def test_srun_without_the_mpi_plugin_is_refused(slurm: dict[str, str]) -> None:
+    code = (
+        "import insitu\n"
+        "spec = insitu.ArraySpec('u', (4,), 'f8', start=(0,), shape=(4,))\n"
+        "insitu.Bridge([spec], run='wrong-mpi', address='127.0.0.1:9')\n"
+    )
+    proc = subprocess.run(["srun", "--mpi=none", "-N", "2", "-n", "2", sys.executable, "-c", code], env=slurm,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "ContractError" in proc.stderr
+    assert "size" in proc.stderr or "tasks" in proc.stderr, proc.stderr[-2000:]
