@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png-every", type=int, default=0, help="write a PNG every K steps (0: never)")
     p.add_argument("--total-steps", type=int, default=None, help="for the progress bar")
     p.add_argument("--print-every", type=int, default=1)
+    p.add_argument("--npy-every", type=int, default=0, help="save the field as .npy every K steps (0: never)")
     p.add_argument("--placement", type=Path, default=None, help="write which node holds each block (step 0)")
     p.add_argument("--fail-at", type=int, default=None, help="test aid: raise in the callback at this step")
     p.add_argument("--park-at", type=int, default=None, help="test aid: sleep 3600 s at this step")
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threshold is not None and hi < args.threshold and not stop_sent:
             analytics.set("stop", True)
             stop_sent.append(step)
+        if args.npy_every and step % args.npy_every == 0:
+            np.save(args.out / f"temperature_{step:05d}.npy", u.compute())
         if args.png_every and step % args.png_every == 0:
             to_png(u.compute(), args.out / f"temperature_{step:05d}.png")
         if step % args.print_every == 0:

@@ -158,7 +158,7 @@ class Bridge:
         result = self._comm.bcast(result, root=0)
         if result[0] == "error":
             if self.rank == 0:
-                self._abort(result[1], registered=False)
+                self._abort(result[1], registered=getattr(self, "_maybe_registered", False))
             self._release()
             raise ContractError(result[1])
         _, layouts, rank_nodes, addresses = result
@@ -224,7 +224,8 @@ class Bridge:
         try:
             import ray
 
-            end = time.monotonic() + self.config.deadline
+            setup = max(self.config.deadline, self.config.startup_deadline)
+            end = time.monotonic() + setup
             while True:  # raylets may still be joining when a launcher starts the ranks
                 rank_nodes, problems = resolve_nodes([g[2] for g in gathered])
                 if not problems or time.monotonic() > end or not any("no live" in p for p in problems):
@@ -233,10 +234,12 @@ class Bridge:
             if problems:
                 return ("error", "; ".join(problems))
             info = SimInfo(self.size, tuple(layouts.values()), tuple(rank_nodes), self.config.in_flight)
-            addresses = ray.get(self._head.register_simulation.remote(info), timeout=self.config.deadline)
+            addresses = ray.get(self._head.register_simulation.remote(info), timeout=setup)
         except InsituError as exc:
             return ("error", str(exc))
         except Exception as exc:
+            # a registration that timed out may still complete on the head: it is ours to abort
+            self._maybe_registered = isinstance(exc, ray.exceptions.GetTimeoutError)
             cause = getattr(exc, "cause", None) or exc
             return ("error", f"registering run {self.run!r} failed: {type(cause).__name__}: {cause}")
         return ("ok", layouts, rank_nodes, addresses)
@@ -261,11 +264,12 @@ class Bridge:
             }
             for slot in range(cfg.slots)
         ]
+        setup = max(cfg.deadline, cfg.startup_deadline)
         try:
-            self._channel = RankChannel(address, cfg.deadline)
+            self._channel = RankChannel(address, setup)
             self._channel.send((Wire.HELLO, self.rank, self._staging.path, tuple(entries), cfg.slots, stride))
             got = self._channel.wait_for(
-                lambda ms: any(m[0] in (Wire.WELCOME, Wire.ERROR) for m in ms), time.monotonic() + cfg.deadline
+                lambda ms: any(m[0] in (Wire.WELCOME, Wire.ERROR) for m in ms), time.monotonic() + setup
             )
         finally:
             self._staging.unlink()
@@ -274,7 +278,7 @@ class Bridge:
                 raise ContractError(m[1])
         if not any(m[0] == Wire.WELCOME for m in got):
             raise StepTimeoutError(
-                f"the node actor of node {self.node[:12]} did not answer rank {self.rank} within {cfg.deadline:.0f} s"
+                f"the node actor of node {self.node[:12]} did not answer rank {self.rank} within {setup:.0f} s"
             )
         self._handle([m for m in got if m[0] == Wire.STATUS])
 

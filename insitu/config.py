@@ -85,6 +85,9 @@ class Config:
         ``continue`` or ``raise``.
     deadline
         Seconds any single wait may last (connect, back-pressure, close, next step).
+    startup_deadline
+        Seconds the set-up may take (registering the run, starting the node actors, which
+        are new worker processes: seconds each on a loaded node); at least ``deadline``.
     reclaim_deadline
         Seconds a run's actors wait for a missing side before reclaiming everything.
     namespace
@@ -108,6 +111,7 @@ class Config:
     backpressure: Backpressure = Backpressure.BLOCK
     on_analytics_failure: FailurePolicy = FailurePolicy.CONTINUE
     deadline: float = 120.0
+    startup_deadline: float = 120.0
     reclaim_deadline: float = 120.0
     namespace: str = "insitu"
     shm_dir: str = dataclasses.field(default_factory=_default_shm_dir)
@@ -185,7 +189,7 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ConfigError(f"{name} ({env}) must be >= 1; got {number}")
         return number
-    if name in ("deadline", "reclaim_deadline", "compute_cpus"):
+    if name in ("deadline", "startup_deadline", "reclaim_deadline", "compute_cpus"):
         try:
             real = float(value)
         except (TypeError, ValueError):

@@ -87,12 +87,32 @@ pid_alive() {
 }
 
 stop() {
-    local f
+    # cancel what still runs (a failed test may leave a hung step), then end the daemons: TERM, then KILL
+    if pid_alive "$BASE/run/slurmctld.pid"; then
+        SLURM_CONF=$CONF scancel --quiet --user="$(id -un)" 2>/dev/null || true
+        local deadline=$((SECONDS + 20))
+        while [[ -n "$(SLURM_CONF=$CONF squeue -h 2>/dev/null)" ]] && ((SECONDS < deadline)); do
+            sleep 0.5
+        done
+    fi
+    local f pids=()
     for f in "$BASE"/run/slurmd-*.pid "$BASE/run/slurmctld.pid" "$BASE/run/munged.pid"; do
         if pid_alive "$f"; then
-            kill "$(cat "$f")" 2>/dev/null || true
+            pids+=("$(cat "$f")")
         fi
     done
+    ((${#pids[@]})) || return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    local deadline=$((SECONDS + 10)) p alive
+    while ((SECONDS < deadline)); do
+        alive=0
+        for p in "${pids[@]}"; do
+            if kill -0 "$p" 2>/dev/null; then alive=1; fi
+        done
+        ((alive)) || return 0
+        sleep 0.2
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 case "$cmd" in

@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from insitu.capi import CStatus
@@ -91,13 +92,13 @@ def _mpiexec(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
     return [MPIEXEC, *mpiexec_mpmd(ranks, node_ips, argv)[1:]]
 
 
-def _stats(cluster: Any, built: dict[str, Any], argv: list[str], tmp: Path, clean: bool) -> dict[int, dict[str, float]]:
+def _stats(cluster: Any, built: dict[str, Any], argv: list[str], tmp: Path, clean: bool) -> dict[int, dict[str, Any]]:
     """Run one heat2d under mpiexec -n 4 with heat_stats (steering off); its per-step statistics."""
     run = run_name("capi")
     settings = {**cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60", "INSITU_RECLAIM_DEADLINE": "20"}
     out = tmp / run
     ana = subprocess.Popen([sys.executable, str(ROOT / "analytics/heat_stats.py"), "--out", str(out),
-                            "--print-every", "1000"], env={**os.environ, **settings},
+                            "--print-every", "1000", "--npy-every", "5"], env={**os.environ, **settings},
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         env = _clean_env(built, settings) if clean else {**os.environ, **settings}
@@ -111,7 +112,8 @@ def _stats(cluster: Any, built: dict[str, Any], argv: list[str], tmp: Path, clea
             ana.kill()
             ana.wait()
     stats = json.loads((out / "stats.json").read_text())["stats"]
-    return {int(k): v for k, v in stats.items()}
+    fields = {int(f.stem.split("_")[1]): np.load(f) for f in out.glob("temperature_*.npy")}
+    return {int(k): {**v, "field": fields.get(int(k))} for k, v in stats.items()}
 
 
 @needs_mpich
@@ -128,6 +130,11 @@ def test_heat2d_in_c_fortran_and_python_gives_the_same_statistics(cluster: Any, 
                 assert c[step][key] == pytest.approx(py[step][key], rel=1e-12, abs=1e-12), (step, key)
                 assert f[step][key] == pytest.approx(py[step][key], rel=1e-12, abs=1e-12), (step, key)
     assert 0 < py[STEPS - 1]["max"] < py[0]["max"] <= 100  # the plate cools: a real field, not zeros
+    # the whole field, element by element: same axis order in Dask for all three languages
+    for step in (0, 5, 10):
+        assert py[step]["field"].shape == (NX, NY)
+        np.testing.assert_allclose(c[step]["field"], py[step]["field"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(f[step]["field"], py[step]["field"], rtol=1e-12, atol=1e-12)
 
 
 @needs_mpich
@@ -221,6 +228,8 @@ def test_mpi_seen_from_c_is_the_mpi_of_the_embedded_mpi4py(built: dict[str, Any]
     py_version = py_part.removeprefix("mpi4py: ").strip()
     assert "MPICH" in c_version
     assert c_version == py_version
+    # the embedded interpreter is the one recorded at build time (this test's Python), even under env -i
+    assert f"sys.executable: {sys.executable}" in proc.stdout
 
 
 def test_status_codes_match_the_header() -> None:

@@ -53,7 +53,8 @@ def test_bad_layout_raises_the_same_contract_error_on_every_rank(cluster: Any, l
 )
 def test_setup_failures_reach_every_rank(cluster: Any, env: dict[str, str], pattern: str) -> None:
     nodes = [env.pop("INSITU_NODE")] if "INSITU_NODE" in env else None
-    proc = start_sim(cluster, 4, {"run": run_name("badsetup")}, env={"INSITU_DEADLINE": "3", **env}, nodes=nodes)
+    proc = start_sim(cluster, 4, {"run": run_name("badsetup")},
+                     env={"INSITU_DEADLINE": "3", "INSITU_STARTUP_DEADLINE": "3", **env}, nodes=nodes)  # fmt: skip
     result = finish_sim(proc)
     errors = {r: e["error"] for r, e in result.one("init-error").items()}
     msg = same_everywhere(errors, 4)

@@ -21,7 +21,9 @@ int main(int argc, char **argv) {
     PyObject *v = mpi ? PyObject_CallMethod(mpi, "Get_library_version", NULL) : NULL;
     if (v == NULL) PyErr_Print();
     const char *py = v ? PyUnicode_AsUTF8(v) : "(mpi4py failed)";
-    printf("C: %s\n---\nmpi4py: %s\n---\nsame: %d\n", version, py, strcmp(version, py) == 0);
+    PyObject *sys = PyImport_ImportModule("sys");
+    PyObject *exe = sys ? PyObject_GetAttrString(sys, "executable") : NULL;
+    printf("C: %s\n---\nmpi4py: %s\n---\nsys.executable: %s\n", version, py, exe ? PyUnicode_AsUTF8(exe) : "?");
     PyGILState_Release(gil);
     insitu_finalize(&b);
     MPI_Finalize();
