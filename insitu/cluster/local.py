@@ -13,6 +13,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -127,6 +128,9 @@ class LocalCluster:
         Protect the cluster with a fresh auth token in a 0600 file.
     base_dir
         Where temp dirs, logs and the token go (default: a new private dir).
+    resources
+        Extra custom resources per raylet index (e.g. ``{2: {"insitu_remote": 1}}`` marks
+        raylet 2 as a tunneled node for :mod:`insitu.dispatch`).
     """
 
     nodes: int = 2
@@ -136,6 +140,7 @@ class LocalCluster:
     token: bool = True
     base_dir: str | None = None
     startup_deadline: float = 90.0
+    resources: dict[int, dict[str, float]] = field(default_factory=dict)
     node_ips: list[str] = field(default_factory=list, init=False)
     address: str = field(default="", init=False)
     token_path: str | None = field(default=None, init=False)
@@ -192,7 +197,7 @@ class LocalCluster:
                     f"--num-cpus={self.cpus_per_node}",
                     f"--object-store-memory={self.object_store_bytes}",
                     f"--temp-dir={base / f'ray-node{i}'}",
-                    f'--resources={{"insitu_test_node{i}": 1}}',
+                    "--resources=" + json.dumps({f"insitu_test_node{i}": 1, **self.resources.get(i, {})}),
                 ]  # fmt: skip
                 if i == 0:
                     args += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={p + 6}"]

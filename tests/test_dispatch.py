@@ -1,0 +1,140 @@
+"""Tunnel-aware dispatch: the reachability rule (table-driven and property-based), and the relay on a
+real 3-raylet cluster whose third raylet carries the remote marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from insitu.dispatch import NodeRole, NodeView, Placement, Route, Snapshot, decide, reachable, snapshot_from_ray
+from insitu.errors import ConfigError
+from tests.conftest import ROOT
+
+H, L1, L2, R1, R2 = "head", "lan1", "lan2", "rem1", "rem2"
+ROLES = {H: NodeRole.HEAD, L1: NodeRole.LAN, L2: NodeRole.LAN, R1: NodeRole.REMOTE, R2: NodeRole.REMOTE}
+GPU = {L2: {"gpu"}, R1: {"gpu", "box"}}
+SNAP = Snapshot(tuple(NodeView(n, r, frozenset(GPU.get(n, set()))) for n, r in ROLES.items()), taken_at=100.0)
+
+
+@pytest.mark.parametrize(
+    ("caller", "placement", "now", "expected"),
+    [
+        (H, Placement(), 100.0, Route.DIRECT),  # the head never relays
+        (L1, Placement(node_id=L2), 100.0, Route.DIRECT),
+        (L1, Placement(node_id=R1), 100.0, Route.RELAY),
+        (R1, Placement(node_id=L1), 100.0, Route.RELAY),
+        (R1, Placement(node_id=R1), 100.0, Route.DIRECT),  # itself
+        (R1, Placement(node_id=H), 100.0, Route.DIRECT),
+        (R1, Placement(node_id=R2), 100.0, Route.RELAY),
+        (L1, Placement(node_id="gone"), 100.0, Route.RELAY),  # missing from the snapshot
+        (L1, Placement(node_id=L2, soft=True), 100.0, Route.RELAY),  # soft affinity: anywhere
+        (L1, Placement(strategy="SPREAD"), 100.0, Route.RELAY),
+        (L1, Placement(strategy="PLACEMENT_GROUP"), 100.0, Route.RELAY),
+        (L1, Placement(), 100.0, Route.RELAY),  # no constraint: unknown
+        (L1, Placement(resources=frozenset({"gpu"})), 101.0, Route.RELAY),  # could land on rem1
+        (R1, Placement(resources=frozenset({"box"})), 101.0, Route.DIRECT),  # only rem1 has it
+        (L1, Placement(resources=frozenset({"box"})), 101.0, Route.RELAY),
+        (R1, Placement(resources=frozenset({"box"})), 200.0, Route.RELAY),  # stale snapshot
+        (R1, Placement(resources=frozenset({"nobody"})), 101.0, Route.RELAY),
+        ("unknown-caller", Placement(node_id=H), 100.0, Route.RELAY),
+    ],
+)
+def test_rule_on_a_synthetic_node_table(caller: str, placement: Placement, now: float, expected: Route) -> None:
+    assert decide(caller, placement, SNAP, now, ttl=5.0) == expected
+
+
+def test_an_autoscaler_makes_resource_constraints_unprovable() -> None:
+    snap = Snapshot(SNAP.nodes, taken_at=100.0, autoscaler=True)
+    assert decide(R1, Placement(resources=frozenset({"box"})), snap, 101.0) == Route.RELAY
+
+
+def test_roles_from_the_live_node_table() -> None:
+    nodes = [
+        {"NodeID": "a", "Alive": True, "Resources": {"node:__internal_head__": 1.0, "CPU": 2}},
+        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 2}},
+        {"NodeID": "c", "Alive": True, "Resources": {"insitu_remote": 1.0}},
+        {"NodeID": "d", "Alive": False, "Resources": {"CPU": 2}},
+    ]
+    snap = snapshot_from_ray(nodes, now=0.0)
+    assert [(n.node_id, n.role) for n in snap.nodes] == [("a", NodeRole.HEAD), ("b", NodeRole.LAN),
+                                                          ("c", NodeRole.REMOTE)]  # fmt: skip
+
+
+def test_env_marker_fallback() -> None:
+    from insitu.dispatch import node_role_from_env
+
+    assert node_role_from_env({"INSITU_NODE_ROLE": "remote"}) == NodeRole.REMOTE
+    assert node_role_from_env({}) is None
+    with pytest.raises(ConfigError, match="head, lan or remote"):
+        node_role_from_env({"INSITU_NODE_ROLE": "cloud"})
+
+
+def test_more_than_one_return_value_is_refused() -> None:
+    from insitu.dispatch import _check_options
+
+    with pytest.raises(ConfigError, match="one return value"):
+        _check_options({"num_returns": 2})
+
+
+roles = st.sampled_from(list(NodeRole))
+tables = st.lists(st.tuples(roles, st.sets(st.sampled_from(["gpu", "box", "x"]), max_size=2)), min_size=1, max_size=6)
+
+
+@given(table=tables, caller_i=st.integers(0, 5), target_i=st.integers(-1, 6), res=st.sets(st.sampled_from(["gpu",
+       "box", "x"]), max_size=2), soft=st.booleans(), strategy=st.sampled_from([None, "SPREAD"]),
+       age=st.floats(0, 10), autoscaler=st.booleans())  # fmt: skip
+def test_direct_only_when_every_possible_landing_node_is_reachable(table: list, caller_i: int, target_i: int,
+                                                                    res: set, soft: bool, strategy: str | None,
+                                                                    age: float, autoscaler: bool) -> None:  # fmt: skip
+    nodes = tuple(NodeView(f"n{i}", role, frozenset(r)) for i, (role, r) in enumerate(table))
+    snap = Snapshot(nodes, taken_at=0.0, autoscaler=autoscaler)
+    caller = f"n{caller_i}"
+    target = None if target_i < 0 else f"n{target_i}"
+    placement = Placement(node_id=target, soft=soft, resources=frozenset(res), strategy=strategy)
+    route = decide(caller, placement, snap, now=age, ttl=5.0)
+    if route == Route.DIRECT:
+        me = snap.node(caller)
+        assert me is not None
+        # every node the work could land on, by Ray's own rules
+        if target is not None and not soft:
+            possible = [n for n in nodes if n.node_id == target]
+        elif target is not None or strategy is not None or not res:
+            possible = list(nodes)  # anywhere (and nodes an autoscaler may add)
+            assert me.role == NodeRole.HEAD
+        else:
+            possible = [n for n in nodes if res <= n.resources]
+            assert me.role == NodeRole.HEAD or (age <= 5.0 and not autoscaler)
+        assert possible or me.role == NodeRole.HEAD
+        assert all(reachable(me.role, n.role, n.node_id == me.node_id) for n in possible)
+
+
+@pytest.mark.timeout(400)
+def test_relay_on_a_real_cluster_with_a_remote_marked_raylet() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims/dispatch_check.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=380, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    routes = got["routes"]
+    assert routes["head"] == {"head": "direct", "lan": "direct", "remote": "direct", "spread": "direct",
+                              "remote-resource": "direct"}  # fmt: skip
+    assert routes["lan"]["lan"] == "direct" and routes["lan"]["head"] == "direct"
+    assert routes["lan"]["remote"] == "relay" and routes["lan"]["spread"] == "relay"
+    assert routes["lan"]["remote-resource"] == "relay"
+    assert routes["remote"]["remote"] == "direct" and routes["remote"]["head"] == "direct"
+    assert routes["remote"]["lan"] == "relay" and routes["remote"]["remote-resource"] == "direct"
+    fr = got["from_remote"]
+    assert fr["task"] == [42, True, "relay"]
+    assert fr["nested_ref"] == 11
+    assert fr["actor"] == [11, 13, True, "relay"]
+    assert fr["many"] == 16 and fr["inner"] == 8
+    lost = got["relay_lost"]
+    assert lost["lost"].startswith("RelayLostError") and lost["route"]
+    assert lost["again"] == 2 and lost["retried"] == 6
+    assert got["relays_left"] == []
