@@ -216,8 +216,7 @@ def _as_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _check_options(options: Mapping[str, Any]) -> None:
     if options.get("num_returns", 1) != 1:
         raise ConfigError(
-            f"dispatch supports one return value; got num_returns={options['num_returns']!r} "
-            "(return a tuple instead)"
+            f"dispatch supports one return value; got num_returns={options['num_returns']!r} (return a tuple instead)"
         )
 
 

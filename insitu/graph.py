@@ -63,9 +63,12 @@ def block_locations(array: da.Array) -> dict[tuple[int, ...], list[str]]:
     leaves = {key[1:]: task[1] for key, task in array.__dask_graph__().items()
               if isinstance(key, tuple) and key[0] == array.name and isinstance(task, tuple)}  # fmt: skip
     refs = {block: ref for block, ref in leaves.items() if isinstance(ref, ray.ObjectRef)}
-    found = ray.experimental.get_object_locations(list(refs.values()))
+    # the blocks of one node step share one object: ask once per object (Ray 2.60 aborts the
+    # process on a list holding the same ref twice)
+    unique = list({ref.hex(): ref for ref in refs.values()}.values())
+    found = {ref.hex(): loc for ref, loc in ray.experimental.get_object_locations(unique).items()}
     ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    return {block: sorted(ips.get(node, node) for node in found[ref]["node_ids"]) for block, ref in refs.items()}
+    return {block: sorted(ips.get(node, node) for node in found[ref.hex()]["node_ids"]) for block, ref in refs.items()}
 
 
 class _RefPickler(cloudpickle.Pickler):

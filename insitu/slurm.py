@@ -183,6 +183,7 @@ def render_job(spec: JobSpec) -> str:
         f"export INSITU_SIM_NODES={sim_nodes}",
         f"export INSITU_RANKS_PER_NODE={spec.ranks_per_node}",
         f"export INSITU_RAY_CPUS={spec.ray_cpus}",
+        "export INSITU_BIND_CPUS=${INSITU_BIND_CPUS:-1}",
         f"export INSITU_STEP_BYTES={spec.step_bytes}",
         f"export INSITU_WINDOW={spec.window}",
         f"export INSITU_IN_FLIGHT={spec.in_flight}",

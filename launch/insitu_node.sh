@@ -74,8 +74,12 @@ ray)
         --num-cpus="${INSITU_RAY_CPUS:-1}" --resources="{\"slurm_node_$name\": 1}"
         --object-store-memory="${INSITU_STORE_BYTES:?}" --disable-usage-stats --block
         --temp-dir="${INSITU_RAY_TMP:?}/$name")
+    launcher=()
+    if [[ ${INSITU_BIND_CPUS:-0} == 1 ]]; then  # Ray (and its workers) on cores 0..K-1
+        launcher=(taskset -c "0-$((${INSITU_RAY_CPUS:-1} - 1))")
+    fi
     if [[ $(node_index) == 0 ]]; then
-        exec ray start --head --port="$b" --ray-client-server-port=$((b + 3)) --include-dashboard=false "${args[@]}"
+        exec "${launcher[@]}" ray start --head --port="$b" --ray-client-server-port=$((b + 3)) --include-dashboard=false "${args[@]}"
     fi
     head=${INSITU_ADDRESS:?}
     deadline=$((SECONDS + 120))
@@ -86,11 +90,20 @@ ray)
         fi
         sleep 0.25
     done
-    exec ray start --address="$head" "${args[@]}"
+    exec "${launcher[@]}" ray start --address="$head" "${args[@]}"
     ;;
 rank)
     INSITU_NODE=$(node_ip)
     export INSITU_NODE
+    # co-located placement: Ray and the analytics keep cores 0..K-1, ranks are bound to the others
+    if [[ ${INSITU_BIND_CPUS:-0} == 1 ]]; then
+        k=${INSITU_RAY_CPUS:-1}
+        ncores=$(nproc --all)
+        if ((ncores > k)); then
+            core=$((k + ${SLURM_LOCALID:-0} % (ncores - k)))
+            exec taskset -c "$core" "$@"
+        fi
+    fi
     exec "$@"
     ;;
 *)

@@ -52,8 +52,9 @@ def test_fields_placement_and_one_message_per_node(cluster: Any, ranks: int) -> 
         leaves = {k[1:]: v for k, v in arr.dask.items()}
         assert all(isinstance(v[1], ray.ObjectRef) for v in leaves.values()), "graph leaves must be the chunks' refs"
         refs = {block: v[1] for block, v in leaves.items()}
-        locs = ray.experimental.get_object_locations(list(refs.values()))
-        locations.extend((block, locs[ref]["node_ids"]) for block, ref in refs.items())
+        unique = list({ref.hex(): ref for ref in refs.values()}.values())  # Ray aborts on duplicate refs
+        locs = {ref.hex(): loc for ref, loc in ray.experimental.get_object_locations(unique).items()}
+        locations.extend((block, locs[ref.hex()]["node_ids"]) for block, ref in refs.items())
         if step == steps - 1:
             final_stats.update(ray.get(head_of(run).stats.remote()))
 

@@ -101,8 +101,10 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
     # each rank's block lives on the raylet of the node the rank ran on
     hosts = {}
     for f in job_dir.glob("sim-*.log"):
-        for r, host, ip in re.findall(r"rank (\d+) host (\S+) insitu node (\S+)", f.read_text()):
+        for r, host, ip, cpus in re.findall(r"rank (\d+) host (\S+) insitu node (\S+) cpus (\S+)", f.read_text()):
             hosts[int(r)] = (host, ip)
+            bound = [int(c) for c in cpus.split(",")]
+            assert len(bound) == 1 and bound[0] >= 1, f"rank {r} must be bound to one core besides Ray's: {cpus}"
     assert len(hosts) == 6 and len({h for h, _ in hosts.values()}) == 3, hosts
     for host, ip in hosts.values():
         assert ip == f"127.0.0.{20 + int(host.removeprefix('node')) - 1}"

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"rank {world.Get_rank()} stopped after step {last}", file=sys.stderr, flush=True)
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    print(f"rank {world.Get_rank()} host {host} insitu node {os.environ.get('INSITU_NODE', '')}", file=sys.stderr)
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    print(f"rank {world.Get_rank()} host {host} insitu node {os.environ.get('INSITU_NODE', '')} cpus {cpus}",
+          file=sys.stderr)  # fmt: skip
     cart.Free()
     return 0
 
