@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.park_at is not None and step == args.park_at:
             time.sleep(3600)
         if args.placement is not None and step == 0:
-            from insitu.graph import block_locations
-
-            where = {",".join(map(str, b)): ips for b, ips in block_locations(u).items()}
+            where = {",".join(map(str, b)): [ip] for b, ip in analytics.block_nodes(u).items()}
             layout = next(lay for lay in analytics.info.layouts if lay.name == "temperature")
             owners = {",".join(map(str, b)): r for b, r in layout.owners}
             args.placement.write_text(json.dumps({"blocks": where, "owners": owners}))

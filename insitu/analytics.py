@@ -124,6 +124,22 @@ class Analytics:
 
         return register
 
+    def block_nodes(self, array: Any) -> dict[tuple[int, ...], str]:
+        """IP address of the node holding each block of ``array`` (an array handed to a callback).
+
+        The node actor of that node stored the block in its local object store; this is
+        insitu's own record, no query to Ray (for checking placement and for debugging).
+        """
+        import ray
+
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        out = {}
+        for key, task in array.__dask_graph__().items():
+            if isinstance(key, tuple) and key[0] == array.name and isinstance(task, tuple):
+                node = self._where.get(task[1].hex(), "")
+                out[tuple(key[1:])] = ips.get(node, node)
+        return out
+
     def set(self, key: str, value: Any) -> None:
         """Send a steering value to the simulation (``Bridge.get(key)``).
 

@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from insitu.layout import ArrayLayout
 from insitu.messages import ChunkRef
 
-__all__ = ["NodeExecutor", "NodeScheduler", "block_locations", "executor_on", "make_array"]
+__all__ = ["NodeExecutor", "NodeScheduler", "executor_on", "make_array"]
 
 
 def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: str) -> da.Array:
@@ -53,22 +53,6 @@ def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: 
     )
     arr.step = step  # type: ignore[attr-defined]  # Array instances have a __dict__
     return arr
-
-
-def block_locations(array: da.Array) -> dict[tuple[int, ...], list[str]]:
-    """IP addresses of the Ray nodes holding each block of an array handed to a callback.
-
-    For checking placement (each rank's block lives on its own node) and for debugging.
-    """
-    leaves = {key[1:]: task[1] for key, task in array.__dask_graph__().items()
-              if isinstance(key, tuple) and key[0] == array.name and isinstance(task, tuple)}  # fmt: skip
-    refs = {block: ref for block, ref in leaves.items() if isinstance(ref, ray.ObjectRef)}
-    # the blocks of one node step share one object: ask once per object (Ray 2.60 aborts the
-    # process on a list holding the same ref twice)
-    unique = list({ref.hex(): ref for ref in refs.values()}.values())
-    found = {ref.hex(): loc for ref, loc in ray.experimental.get_object_locations(unique).items()}
-    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    return {block: sorted(ips.get(node, node) for node in found[ref.hex()]["node_ids"]) for block, ref in refs.items()}
 
 
 class _RefPickler(cloudpickle.Pickler):
