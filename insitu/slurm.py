@@ -12,7 +12,6 @@ True
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import socket
@@ -199,8 +198,7 @@ def submit(spec: JobSpec, script: Path, extra: Sequence[str] = ()) -> str:
     """Write the batch script and ``sbatch`` it; returns sbatch's output (the job id line)."""
     script.write_text(render_job(spec))
     script.chmod(0o755)
-    proc = subprocess.run(["sbatch", *extra, str(script)], capture_output=True, text=True, check=False,
-                          env=dict(os.environ))  # fmt: skip
+    proc = subprocess.run(["sbatch", *extra, str(script)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ConfigError(f"sbatch {script} failed: {proc.stderr.strip()}")
     return proc.stdout.strip()
