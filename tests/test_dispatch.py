@@ -138,3 +138,37 @@ def test_relay_on_a_real_cluster_with_a_remote_marked_raylet() -> None:
     assert lost["lost"].startswith("RelayLostError") and lost["route"]
     assert lost["again"] == 2 and lost["retried"] == 6
     assert got["relays_left"] == []
+
+
+def _packet_filter_missing() -> str | None:
+    """Why the premise test cannot run here, or None if it can."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root to create a network namespace and a packet filter"
+    missing = [tool for tool in ("ip", "iptables") if shutil.which(tool) is None]
+    if missing:
+        return f"needs {' and '.join(missing)} (Debian packages iproute2, iptables)"
+    probe = subprocess.run(["ip", "netns", "add", f"insitu-probe{os.getpid()}"], capture_output=True, text=True,
+                           check=False)  # fmt: skip
+    if probe.returncode != 0:
+        return f"cannot create a network namespace here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"insitu-probe{os.getpid()}"], capture_output=True, check=False)
+    return None
+
+
+@pytest.mark.timeout(200)
+def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_returns() -> None:
+    reason = _packet_filter_missing()
+    if reason:
+        print(f"premise test skipped: {reason}")
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims/premise_check.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["head_to_lan"] and got["head_to_remote"]  # the head reaches everything
+    assert got["remote_to_lan_before_filter"]  # the filter, not something else, cuts the path
+    assert not got["plain_ready"] and got["plain_pending_s"] >= 10.0
+    assert got["dispatched_on_lan"] and got["route"] == "relay"

@@ -131,6 +131,12 @@ class LocalCluster:
     resources
         Extra custom resources per raylet index (e.g. ``{2: {"insitu_remote": 1}}`` marks
         raylet 2 as a tunneled node for :mod:`insitu.dispatch`).
+    ips
+        Node IP per raylet index instead of ``127.0.0.<2+index>`` (an address inside a network
+        namespace, say).
+    wrappers
+        Command prefix per raylet index, e.g. ``{2: ["ip", "netns", "exec", "ns1"]}`` to run that
+        raylet inside a network namespace.
     """
 
     nodes: int = 2
@@ -141,6 +147,8 @@ class LocalCluster:
     base_dir: str | None = None
     startup_deadline: float = 90.0
     resources: dict[int, dict[str, float]] = field(default_factory=dict)
+    ips: dict[int, str] = field(default_factory=dict)
+    wrappers: dict[int, list[str]] = field(default_factory=dict)
     node_ips: list[str] = field(default_factory=list, init=False)
     address: str = field(default="", init=False)
     token_path: str | None = field(default=None, init=False)
@@ -178,17 +186,17 @@ class LocalCluster:
         if ray_bin is None:
             raise FileNotFoundError("the 'ray' command is not installed next to this Python")
         first = free_port_block(_PORTS_PER_NODE * (self.nodes + 1))
-        head_ip = "127.0.0.2"
+        head_ip = self.ips.get(0, "127.0.0.2")
         gcs_port = first
         self.address = f"{head_ip}:{gcs_port}"
         try:
             for i in range(self.nodes):
-                ip = f"127.0.0.{2 + i}"
+                ip = self.ips.get(i, f"127.0.0.{2 + i}")
                 self.node_ips.append(ip)
                 p = first + _PORTS_PER_NODE * (i + 1)
                 wmin = free_port_block(40, start=first + 1000 + 100 * i)
                 args = [
-                    ray_bin, "start", "--block", "--disable-usage-stats",
+                    *self.wrappers.get(i, []), ray_bin, "start", "--block", "--disable-usage-stats",
                     f"--node-ip-address={ip}",
                     f"--node-manager-port={p}", f"--object-manager-port={p + 1}",
                     f"--dashboard-agent-listen-port={p + 2}", f"--dashboard-agent-grpc-port={p + 3}",
