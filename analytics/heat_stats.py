@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-steps", type=int, default=None, help="for the progress bar")
     p.add_argument("--print-every", type=int, default=1)
     p.add_argument("--npy-every", type=int, default=0, help="save the field as .npy every K steps (0: never)")
-    p.add_argument("--placement", type=Path, default=None, help="write which node holds each block (step 0)")
+    p.add_argument("--placement", type=Path, default=None, help="write which node holds each block and how it is reached (step 0)")
     p.add_argument("--fail-at", type=int, default=None, help="test aid: raise in the callback at this step")
     p.add_argument("--park-at", type=int, default=None, help="test aid: sleep 3600 s at this step")
     args = p.parse_args(argv)
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"injected failure at step {step}")
         if args.park_at is not None and step == args.park_at:
             time.sleep(3600)
+        lo, mean, hi = dask.compute(u.min(), u.mean(), u.max())
         if args.placement is not None and step == 0:
             where = {",".join(map(str, b)): [ip] for b, ip in analytics.block_nodes(u).items()}
             layout = next(lay for lay in analytics.info.layouts if lay.name == "temperature")
             owners = {",".join(map(str, b)): r for b, r in layout.owners}
-            args.placement.write_text(json.dumps({"blocks": where, "owners": owners}))
-        lo, mean, hi = dask.compute(u.min(), u.mean(), u.max())
+            args.placement.write_text(json.dumps({"blocks": where, "owners": owners, "routes": analytics.routes()}))
         stats.setdefault(step, {}).update(min=float(lo), mean=float(mean), max=float(hi))
         if args.threshold is not None and hi < args.threshold and not stop_sent:
             analytics.set("stop", True)

@@ -390,6 +390,7 @@ def section_sched(repeat: int) -> dict[str, float]:
     import ray
     from ray.util.dask import ray_dask_get
 
+    from insitu.dispatch import Dispatcher
     from insitu.graph import NodeScheduler, executor_on, make_array
     from insitu.layout import ArrayLayout
     from insitu.messages import ChunkRef
@@ -406,8 +407,9 @@ def section_sched(repeat: int) -> dict[str, float]:
         window.append(make_array(layout, step, chunks, "bench"))
         arrays.append(np.block([[blocks[0], blocks[1]], [blocks[2], blocks[3]]]))
         local.append(da.from_array(arrays[-1], chunks=(128, 128)))
-    executor = executor_on(node, 0)
-    sched = NodeScheduler(where, lambda _node: executor)
+    dispatcher = Dispatcher("bench")
+    executor = executor_on(node, 0, dispatcher)
+    sched = NodeScheduler(where, lambda _node: executor, dispatcher)
 
     def expr(w: list) -> Any:
         return ((w[2] - w[0]) / 2).mean() + w[1].max()

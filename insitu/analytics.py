@@ -16,6 +16,7 @@ import dask
 
 from insitu.comm import connect_ray
 from insitu.config import Config, Scheduler, resolve_run
+from insitu.dispatch import Dispatcher
 from insitu.errors import (
     CallbackError,
     ContractError,
@@ -104,6 +105,7 @@ class Analytics:
         self._in_callback = False
         self._sets: list[tuple[str, Any]] = []
         self._executors: dict[str, Any] = {}
+        self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace)
         self.info: RunInfo | None = None
 
     def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -139,6 +141,17 @@ class Analytics:
                 node = self._where.get(task[1].hex(), "")
                 out[tuple(key[1:])] = ips.get(node, node)
         return out
+
+    def routes(self) -> dict[str, str]:
+        """How this process reaches each node it computed on: IP address to ``"direct"`` or ``"relay"``.
+
+        ``"relay"`` means the node's compute actor was created and is called through the
+        run's relay on the head (see :mod:`insitu.dispatch`), e.g. analytics on a tunneled node.
+        """
+        import ray
+
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return {ips.get(node, node): proxy.route.value for node, proxy in self._executors.items()}
 
     def set(self, key: str, value: Any) -> None:
         """Send a steering value to the simulation (``Bridge.get(key)``).
@@ -242,7 +255,7 @@ class Analytics:
         }
         self._step = data.step
         if self.config.scheduler == Scheduler.INSITU:
-            scheduler: Any = NodeScheduler(self._where, self._executor)
+            scheduler: Any = NodeScheduler(self._where, self._executor, self._dispatcher, self.config.deadline)
         else:
             from ray.util.dask import ray_dask_get
 
@@ -274,7 +287,7 @@ class Analytics:
         if node not in self._executors:
             from insitu.graph import executor_on
 
-            self._executors[node] = executor_on(node, self.config.compute_cpus)
+            self._executors[node] = executor_on(node, self.config.compute_cpus, self._dispatcher)
         return self._executors[node]
 
     def _prune(self) -> None:
@@ -303,8 +316,10 @@ class Analytics:
             ray.kill(self._link)
             self._link = None
         for executor in self._executors.values():
-            ray.kill(executor)
+            executor.kill()
         self._executors.clear()
+        if self._head is not None:
+            self._dispatcher.close()  # the run's relay, if any work needed it
         self._head = None
         if self._owns_ray:
             ray.shutdown()

@@ -37,6 +37,7 @@ from insitu.errors import ConfigError, InsituError
 
 __all__ = [
     "HEAD_RESOURCE",
+    "ByRef",
     "REMOTE_RESOURCE",
     "Dispatcher",
     "NodeRole",
@@ -64,6 +65,30 @@ class RelayLostError(InsituError, RuntimeError):
 
 class UnreachableRefError(InsituError, ValueError):
     """An object ref in the arguments cannot be resolved where the work lands."""
+
+
+@dataclass(frozen=True)
+class ByRef:
+    """An object ref the caller knows the landing node reaches: passed on as a ref, not a value.
+
+    Without it, refs in the arguments of relayed work are resolved on the head and passed by
+    value (safe, but the data crosses the head). insitu's Dask execution wraps the chunks of a
+    node with it: they are read zero-copy on the node that holds them.
+    """
+
+    ref: Any
+
+
+def _unwrap(value: Any) -> Any:
+    """Arguments with every :class:`ByRef` replaced by its ref (the direct path)."""
+    if isinstance(value, ByRef):
+        return value.ref
+    if isinstance(value, (list, tuple)):
+        items = [_unwrap(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
 
 
 class NodeRole(Enum):
@@ -233,6 +258,8 @@ def _relay_class() -> Any:
             self._next = 0
 
         async def _resolve(self, value: Any) -> Any:
+            if isinstance(value, ByRef):
+                return value.ref
             if isinstance(value, ray.ObjectRef):
                 return await value  # the head reaches every owner and location
             if isinstance(value, (list, tuple)):
@@ -259,6 +286,9 @@ def _relay_class() -> Any:
         async def call(self, key: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             args, kwargs = await self._resolve(args), await self._resolve(kwargs)
             return await getattr(self._actors[key], method).remote(*args, **kwargs)
+
+        async def fetch(self, refs: list[Any]) -> list[Any]:
+            return [await r for r in refs]
 
         async def drop(self, key: int) -> None:
             handle = self._actors.pop(key, None)
@@ -307,8 +337,17 @@ class ActorProxy:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Dispatched:
         """Call ``method`` on the actor (through the relay that created it, if relayed)."""
         if self.route == Route.DIRECT:
-            return Dispatched(getattr(self.handle, method).remote(*args, **kwargs), Route.DIRECT)
+            return Dispatched(getattr(self.handle, method).remote(*_unwrap(args), **_unwrap(kwargs)), Route.DIRECT)
         return Dispatched(self.relay.call.remote(self.key, method, args, kwargs), Route.RELAY)
+
+    def kill(self) -> None:
+        """End the actor (directly, or through the relay that holds it)."""
+        import ray
+
+        if self.route == Route.DIRECT:
+            ray.kill(self.handle)
+        else:
+            self.relay.drop.remote(self.key)
 
 
 @dataclass
@@ -388,7 +427,8 @@ class Dispatcher:
 
         opts = dict(options or {})
         if self.route(opts) == Route.DIRECT:
-            return Dispatched(ray.remote(_as_function(fn)).options(**opts).remote(*args, **kwargs), Route.DIRECT)
+            fn_remote = ray.remote(_as_function(fn)).options(**opts)
+            return Dispatched(fn_remote.remote(*_unwrap(args), **_unwrap(kwargs)), Route.DIRECT)
 
         def submit() -> Dispatched:
             return Dispatched(self.relay().task.remote(fn, args, kwargs, opts), Route.RELAY)
@@ -403,15 +443,31 @@ class Dispatcher:
 
         opts = dict(options or {})
         if self.route(opts) == Route.DIRECT:
-            return ActorProxy(self, Route.DIRECT, handle=ray.remote(cls).options(**opts).remote(*args, **kwargs))
+            handle = ray.remote(cls).options(**opts).remote(*_unwrap(args), **_unwrap(kwargs))
+            return ActorProxy(self, Route.DIRECT, handle=handle)
         relay = self.relay()
         key = ray.get(relay.create.remote(cls, args, kwargs, opts), timeout=120)
         return ActorProxy(self, Route.RELAY, key=key, relay=relay)
 
-    def close(self) -> None:
-        """Remove the run's relay (and the actors it created)."""
+    def fetch(self, refs: list[Any], nodes: Iterable[str], timeout: float = 120.0) -> list[Any]:
+        """The values of ``refs`` held on ``nodes``: read directly if every node is reachable from here,
+        else through the relay (the data crosses the head)."""
         import ray
 
-        if self._relay is not None:
-            ray.kill(self._relay)
-            self._relay = None
+        me = ray.get_runtime_context().get_node_id()
+        snap, now = self.snapshot(), time.monotonic()
+        if all(decide(me, Placement(node_id=n), snap, now, self.ttl) == Route.DIRECT for n in set(nodes)):
+            return list(ray.get(refs, timeout=timeout))
+        return Dispatched(self.relay().fetch.remote(list(refs)), Route.RELAY).get(timeout)
+
+    def close(self) -> None:
+        """Remove the run's relay (and the actors it created), whichever process created it."""
+        import ray
+
+        relay, self._relay = self._relay, None
+        if relay is None:
+            try:
+                relay = ray.get_actor(f"insitu-relay-{self.run}", namespace=self.namespace)
+            except ValueError:  # no relay was ever needed
+                return
+        ray.kill(relay)

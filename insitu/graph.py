@@ -9,6 +9,11 @@ graph leaves: no task per chunk and no copy through the driver. Their
 2. sends every group of tasks whose data lives on one node to that node as one
    Ray task, with the refs as top-level arguments (zero-copy reads there);
 3. runs what combines several nodes (small partial results) in the driver.
+
+Executors are created and called through :class:`insitu.dispatch.Dispatcher`: from an
+analytics process on a node that cannot reach the data's node (a tunneled node, or a LAN node
+when the data is on a tunneled one) they go through the run's relay on the head, and the
+chunks still travel as refs (:class:`insitu.dispatch.ByRef`), read where they lie.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import ray
 from dask.highlevelgraph import HighLevelGraph
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from insitu.dispatch import ActorProxy, ByRef, Dispatcher
+from insitu.errors import StepTimeoutError
 from insitu.layout import ArrayLayout
 from insitu.messages import ChunkRef
 
@@ -101,7 +108,6 @@ def _run_local(tasks: _Subgraph, out_keys: list[Hashable], arrays: Sequence[Any]
     return list(dask.local.get_sync(graph, out_keys))  # type: ignore[arg-type]
 
 
-@ray.remote(max_restarts=0)
 class NodeExecutor:
     """Runs node-local subgraphs next to their chunks: one per node, owned by the analytics process.
 
@@ -114,10 +120,10 @@ class NodeExecutor:
         return _run_local(tasks, out_keys, arrays)
 
 
-def executor_on(node: str, cpus: float) -> Any:
-    """Start a :class:`NodeExecutor` pinned to ``node``."""
+def executor_on(node: str, cpus: float, dispatcher: Dispatcher) -> ActorProxy:
+    """Start a :class:`NodeExecutor` actor pinned to ``node`` (through the relay if needed)."""
     strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-    return NodeExecutor.options(scheduling_strategy=strategy, num_cpus=cpus).remote()  # type: ignore[attr-defined]
+    return dispatcher.actor(NodeExecutor, options={"scheduling_strategy": strategy, "num_cpus": cpus})
 
 
 class NodeScheduler:
@@ -129,11 +135,18 @@ class NodeScheduler:
         Object-ref hex id to Ray node id, for every chunk the analytics holds.
     executor
         Returns the :class:`NodeExecutor` actor of a node (created on first use).
+    dispatcher
+        Reads chunks for work that spans nodes (through the relay if needed).
+    deadline
+        Seconds to wait for a node's partial results.
     """
 
-    def __init__(self, where: Mapping[str, str], executor: Callable[[str], Any]) -> None:
+    def __init__(self, where: Mapping[str, str], executor: Callable[[str], ActorProxy], dispatcher: Dispatcher,
+                 deadline: float = 120.0) -> None:  # fmt: skip
         self._where = where
         self._executor = executor
+        self._dispatcher = dispatcher
+        self._deadline = deadline
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         if not isinstance(dsk, Mapping):
@@ -181,17 +194,27 @@ class NodeScheduler:
                         slot[ref.hex()] = len(call_refs)
                         call_refs.append(ref)
                 tasks.append((k, blob, tuple(slot[ref.hex()] for ref in task_refs)))
-            fut = self._executor(node).run.remote(tasks, outputs, *call_refs)
-            futures.append((outputs, fut))
+            fut = self._executor(node).call("run", tasks, outputs, *(ByRef(r) for r in call_refs))
+            futures.append((node, outputs, fut))
         cache: dict[Hashable, Any] = {}
-        for outputs, fut in futures:
-            cache.update(zip(outputs, ray.get(fut), strict=True))
+        for node, outputs, fut in futures:
+            try:
+                values = fut.get(self._deadline)
+            except ray.exceptions.GetTimeoutError:
+                raise StepTimeoutError(
+                    f"node {node} did not return {len(outputs)} partial result(s) within {self._deadline:.0f} s"
+                ) from None
+            cache.update(zip(outputs, values, strict=True))
         rest: dict[Hashable, Any] = {}
         for key in order:
             if key in local_of:
                 continue
             payload, refs = payloads[key]
-            rest[key] = _load(payload, ray.get(refs)) if refs else graph[key]
+            if refs:
+                values = self._dispatcher.fetch(refs, [self._where.get(r.hex(), "") for r in refs], self._deadline)
+                rest[key] = _load(payload, values)
+            else:
+                rest[key] = graph[key]
         for key, value in cache.items():
             # a zero-argument legacy task hides the value from dask's graph parsing
             rest[key] = (functools.partial(_identity, value),)

@@ -146,9 +146,9 @@ def _packet_filter_missing() -> str | None:
 
     if os.geteuid() != 0:
         return "needs root to create a network namespace and a packet filter"
-    missing = [tool for tool in ("ip", "iptables") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "iptables", "unshare", "nsenter") if shutil.which(tool) is None]
     if missing:
-        return f"needs {' and '.join(missing)} (Debian packages iproute2, iptables)"
+        return f"needs {' and '.join(missing)} (Debian packages iproute2, iptables, util-linux)"
     probe = subprocess.run(["ip", "netns", "add", f"insitu-probe{os.getpid()}"], capture_output=True, text=True,
                            check=False)  # fmt: skip
     if probe.returncode != 0:
@@ -159,6 +159,7 @@ def _packet_filter_missing() -> str | None:
 
 @pytest.mark.timeout(200)
 def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_returns() -> None:
+    """Behind a real packet filter: the premise, then heat2d + heat_stats with the analytics on the remote node."""
     reason = _packet_filter_missing()
     if reason:
         print(f"premise test skipped: {reason}")
@@ -172,3 +173,9 @@ def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_ret
     assert got["remote_to_lan_before_filter"]  # the filter, not something else, cuts the path
     assert not got["plain_ready"] and got["plain_pending_s"] >= 10.0
     assert got["dispatched_on_lan"] and got["route"] == "relay"
+    heat = got["heat"]
+    assert "error" not in heat, heat.get("error")
+    # heat_stats on the remote node: the LAN node's blocks computed through the relay, its own directly
+    assert heat["steps"] == 12 and heat["max_abs_error"] < 1e-12
+    assert heat["block_ips"] == sorted([heat["lan_ip"], heat["remote_ip"]])  # a node actor on each side
+    assert heat["routes"] == {heat["lan_ip"]: "relay", heat["remote_ip"]: "direct"}

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from insitu.actors.node import NodeActor
 from insitu.config import Config
+from insitu.dispatch import HEAD_RESOURCE
 from insitu.errors import ContractError, StepTimeoutError
 from insitu.messages import (
     AnalyticsState,
@@ -367,12 +368,18 @@ class HeadActor:
 
 
 def get_or_create_head(run: str, config: Config) -> Any:
-    """Return the head actor of ``run``, creating it if needed (atomic across processes)."""
+    """Return the head actor of ``run``, creating it if needed (atomic across processes).
+
+    It lives on Ray's head node, the one node every other node reaches (tunneled nodes
+    included, see :mod:`insitu.dispatch`): node actors, ranks and analytics talk to it from
+    anywhere, and the node actors it creates never need a relay.
+    """
     head = HeadActor.options(  # type: ignore[attr-defined]
         name=head_name(run),
         namespace=config.namespace,
         lifetime="detached",
         get_if_exists=True,
+        resources={HEAD_RESOURCE: 0.001},
     ).remote(run, config)
     head.ping.remote()
     return head

@@ -129,10 +129,8 @@ def checks(cluster: Any) -> None:
 
     progress("relay lost")
     RESULTS["relay_lost"] = ray.get(relay_lost.options(**pin(remote)).remote("chk2", lan), timeout=300)
-    for run in ("chk", "chk2"):  # teardown: what Dispatcher.close() does for the run's owner
-        d = Dispatcher(run)
-        d._relay = ray.get_actor(f"insitu-relay-{run}", namespace="insitu")
-        d.close()
+    for run in ("chk", "chk2", "never-relayed"):  # teardown
+        Dispatcher(run).close()
     time.sleep(1)
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "relay" in str(a)]
     RESULTS["relays_left"] = alive
