@@ -94,8 +94,10 @@ class Runner:
         self.base = Path(tempfile.mkdtemp(prefix="insitu-bench-"))
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(self.base / "auth_token")
+        # the last raylet carries the tunneled-node marker (only the relay section dispatches from it)
+        remote = {nodes - 1: {"insitu_remote": 1.0}} if nodes >= 3 else {}
         self.cluster = LocalCluster(nodes=nodes, cpus_per_node=1, base_dir=str(self.base), object_store_bytes=1 << 30,
-                                    dashboard=dashboard)  # fmt: skip
+                                    dashboard=dashboard, resources=remote)  # fmt: skip
         self.cluster.start()
         os.environ.update(self.cluster.environment())
         import ray
@@ -463,6 +465,56 @@ def section_memory(runner: Runner, steps: int) -> dict[str, Any]:
     return out
 
 
+def section_relay(runner: Runner, sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    """Dispatch from the remote-marked raylet to a LAN raylet: relayed through the head vs direct.
+
+    On this host the direct path exists (no filter), so the same call is timed both ways side by
+    side; the relayed result crosses the head twice.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    ips = runner.cluster.node_ips
+    if len(ips) < 3:
+        raise RuntimeError("the relay section needs at least 3 raylets (head, LAN, remote)")
+    ids = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    lan, remote = ids[ips[1]], ids[ips[-1]]
+
+    @ray.remote(num_cpus=0)
+    def from_remote(lan_node: str, nbytes: int, repeat: int) -> dict[str, float]:
+        from insitu.dispatch import Dispatcher
+
+        pin = {"scheduling_strategy": Affinity(node_id=lan_node, soft=False), "num_cpus": 0}
+        d = Dispatcher(f"bench-relay-{os.getpid()}")
+
+        def make(n: int) -> bytes:
+            return bytes(n)
+
+        plain = ray.remote(make).options(**pin)
+        times: dict[str, list[float]] = {"direct": [], "relay": []}
+        for i in range(repeat + 2):
+            for way in ("direct", "relay"):  # interleaved, so drift hits both alike
+                t = time.perf_counter()
+                got = ray.get(plain.remote(nbytes), timeout=120) if way == "direct" else \
+                    d.task(make, nbytes, options=pin).get(120)  # fmt: skip
+                if i >= 2:  # warm-up: first worker lease, relay start
+                    times[way].append(time.perf_counter() - t)
+                assert len(got) == nbytes
+        d.close()
+        return {way: statistics.median(v) for way, v in times.items()}
+
+    rows = []
+    for size in [8, *sizes]:
+        n = repeat if size <= 1 * MIB else max(5, repeat // 4)
+        got = ray.get(from_remote.options(scheduling_strategy=Affinity(node_id=remote, soft=False)).remote(
+            lan, size, n), timeout=1200)  # fmt: skip
+        rows.append({"size": size, "direct_s": got["direct"], "relay_s": got["relay"],
+                     "ratio": got["relay"] / got["direct"]})  # fmt: skip
+        print(f"relay   {size:>10} B result: direct task {_fmt_ms(got['direct'])} ms, relayed {_fmt_ms(got['relay'])} "
+              f"ms ({rows[-1]['ratio']:.2f}x)", flush=True)  # fmt: skip
+    return rows
+
+
 def compare(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Peers against insitu on the same work (back-to-back, window 1), as ratios from this run."""
     rows = []
@@ -497,7 +549,7 @@ def compare(results: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: floor and insitu at 64 KiB, 5 steps")
-    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,adios2,deisa,sched,scaling,memory")
+    p.add_argument("--sections", default="floor,insitu,baseline,posthoc,adios2,deisa,sched,relay,scaling,memory")
     p.add_argument("--sizes", default=f"{64 * KIB},{512 * KIB},{8 * MIB},{32 * MIB}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default=str(HERE / "results" / "results.json"))
@@ -549,6 +601,8 @@ def run_section(section: str, runner: Runner, results: dict[str, Any], sizes: li
         results["adios2"] = section_adios2(runner, sizes, steps, warmup)
     elif section == "deisa":
         results["deisa"] = section_deisa(sizes, steps, warmup)
+    elif section == "relay":
+        results["relay"] = section_relay(runner, sizes, 10 if quick else 50)
     elif section == "sched":
         results["sched"] = section_sched(50)
     elif section == "scaling":

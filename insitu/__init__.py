@@ -26,7 +26,9 @@ __all__ = [
     "Backpressure",
     "Bridge",
     "BridgeStats",
+    "ByRef",
     "Config",
+    "Dispatcher",
     "FailurePolicy",
     "RunSummary",
     "Scheduler",
@@ -39,6 +41,8 @@ _LAZY = {
     "RunSummary": "insitu.analytics",
     "Bridge": "insitu.bridge",
     "BridgeStats": "insitu.bridge",
+    "ByRef": "insitu.dispatch",
+    "Dispatcher": "insitu.dispatch",
 }
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from insitu.errors import ConfigError, InsituError
+from insitu.errors import ConfigError, RelayLostError, UnreachableRefError
 
 __all__ = [
     "HEAD_RESOURCE",
@@ -57,14 +57,6 @@ log = logging.getLogger(__name__)
 
 HEAD_RESOURCE = "node:__internal_head__"
 REMOTE_RESOURCE = "insitu_remote"
-
-
-class RelayLostError(InsituError, RuntimeError):
-    """The relay actor died while it carried this call (rerun only if marked retriable)."""
-
-
-class UnreachableRefError(InsituError, ValueError):
-    """An object ref in the arguments cannot be resolved where the work lands."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +253,13 @@ def _relay_class() -> Any:
             if isinstance(value, ByRef):
                 return value.ref
             if isinstance(value, ray.ObjectRef):
-                return await value  # the head reaches every owner and location
+                try:
+                    return await value  # the head reaches every owner and location
+                except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+                    raise UnreachableRefError(
+                        f"object {value.hex()} in the arguments cannot be read even from the head "
+                        f"({type(exc).__name__}); pass the value itself or recreate the object"
+                    ) from None
             if isinstance(value, (list, tuple)):
                 items = [await self._resolve(v) for v in value]
                 return type(value)(items) if isinstance(value, list) else tuple(items)

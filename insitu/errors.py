@@ -19,11 +19,16 @@ __all__ = [
     "ConfigError",
     "ContractError",
     "InsituError",
+    "InsufficientSlicesError",
+    "RelayLostError",
     "RunNameError",
     "SendError",
     "SimulationFailedError",
+    "SliceLostError",
     "SteeringValueError",
     "StepTimeoutError",
+    "TaskCancelledError",
+    "UnreachableRefError",
 ]
 
 
@@ -80,3 +85,23 @@ class CallbackError(InsituError, RuntimeError):
         super().__init__(message)
         self.step = step
         self.arrays = arrays
+
+
+class RelayLostError(InsituError, RuntimeError):
+    """The dispatch relay actor died while it carried this call (rerun only if marked retriable)."""
+
+
+class UnreachableRefError(InsituError, ValueError):
+    """An object ref in the arguments cannot be resolved where the work lands."""
+
+
+class InsufficientSlicesError(InsituError, RuntimeError):
+    """No allowed pool size could be reserved within the deadline."""
+
+
+class SliceLostError(InsituError, RuntimeError):
+    """A slice lost a host (dead, unhealthy, unresponsive or preempted) while work ran on it."""
+
+
+class TaskCancelledError(InsituError, RuntimeError):
+    """Work on a slice pool was cancelled by the caller."""
