@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--total-steps", type=int, default=None, help="for the progress bar")
     p.add_argument("--print-every", type=int, default=1)
     p.add_argument("--npy-every", type=int, default=0, help="save the field as .npy every K steps (0: never)")
-    p.add_argument("--placement", type=Path, default=None, help="write which node holds each block and how it is reached (step 0)")
+    p.add_argument("--placement", type=Path, default=None, help="write each block's node and route (step 0)")
     p.add_argument("--fail-at", type=int, default=None, help="test aid: raise in the callback at this step")
     p.add_argument("--park-at", type=int, default=None, help="test aid: sleep 3600 s at this step")
     args = p.parse_args(argv)

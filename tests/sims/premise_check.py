@@ -106,7 +106,8 @@ def main() -> int:
             ray.init(address=cluster.address, namespace="insitu", logging_level="ERROR", log_to_driver=False)
             try:
                 results = checks(cluster.node_ips, lambda: block(ns, lan_ip))
-                inside = ["nsenter", "--target", str(namespace_init(cluster.pids()[2])), "--pid", "--net", "--mount", "--"]
+                init = namespace_init(cluster.pids()[2])
+                inside = ["nsenter", "--target", str(init), "--pid", "--net", "--mount", "--"]
                 results["heat"] = heat_across_the_filter(cluster.environment(), inside, ns, lan_ip, remote_ip,
                                                          Path(base))  # fmt: skip
             finally:
@@ -153,8 +154,13 @@ def checks(node_ips: list[str], firewall: Callable[[], None]) -> dict[str, objec
         t = time.monotonic()
         call = d.task(node_id, options=pin(lan_node))
         landed = call.get(60)
-        return {"plain_ready": bool(ready), "plain_pending_s": round(pending_for, 1), "dispatched_on_lan":
-                landed == lan_node, "dispatched_s": round(time.monotonic() - t, 2), "route": call.route.value}  # fmt: skip
+        return {
+            "plain_ready": bool(ready),
+            "plain_pending_s": round(pending_for, 1),
+            "dispatched_on_lan": landed == lan_node,
+            "dispatched_s": round(time.monotonic() - t, 2),
+            "route": call.route.value,
+        }
 
     @ray.remote(num_cpus=0)
     def open_path(lan_node: str) -> bool:
@@ -197,8 +203,14 @@ def heat_across_the_filter(cluster_env: dict[str, str], inside: list[str], ns: s
         field = np.load(dump / f"step{int(step):05d}.npy")
         worst = max(worst, abs(st["min"] - field.min()), abs(st["mean"] - field.mean()), abs(st["max"] - field.max()))
     where = json.loads(placement.read_text())
-    return {"steps": len(stats), "max_abs_error": worst, "block_ips": sorted({ips[0] for ips in where["blocks"].values()}),
-            "routes": where["routes"], "lan_ip": lan_ip, "remote_ip": remote_ip}  # fmt: skip
+    return {
+        "steps": len(stats),
+        "max_abs_error": worst,
+        "block_ips": sorted({ips[0] for ips in where["blocks"].values()}),
+        "routes": where["routes"],
+        "lan_ip": lan_ip,
+        "remote_ip": remote_ip,
+    }
 
 
 if __name__ == "__main__":
