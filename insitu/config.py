@@ -101,6 +101,17 @@ class Config:
         reserved, the actor shares the node's cores).
     scheduler
         ``insitu`` or ``ray-dask``.
+    pool_ready_deadline
+        Seconds a slice pool waits for a slice's placement group to become ready (else that
+        size counts as infeasible) and for its host actors to start.
+    pool_health_interval
+        Seconds between two health checks of a pool's slices (by :meth:`SlicePool.start_monitor`).
+    pool_health_deadline
+        Seconds every host of a slice has to answer a health check.
+    pool_cancel_deadline
+        Seconds cancelled work may take to stop before its slice is replaced.
+    pool_drain_deadline
+        Seconds a graceful drain waits for running work before cancelling it.
     """
 
     address: str | None = None
@@ -118,6 +129,11 @@ class Config:
     slots: int = 2
     compute_cpus: float = 0.0
     scheduler: Scheduler = Scheduler.INSITU
+    pool_ready_deadline: float = 120.0
+    pool_health_interval: float = 30.0
+    pool_health_deadline: float = 30.0
+    pool_cancel_deadline: float = 30.0
+    pool_drain_deadline: float = 60.0
 
     def __post_init__(self) -> None:
         for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)):
@@ -189,7 +205,7 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ConfigError(f"{name} ({env}) must be >= 1; got {number}")
         return number
-    if name in ("deadline", "startup_deadline", "reclaim_deadline", "compute_cpus"):
+    if name in ("deadline", "startup_deadline", "reclaim_deadline", "compute_cpus") or name.startswith("pool_"):
         try:
             real = float(value)
         except (TypeError, ValueError):
