@@ -400,7 +400,9 @@ class PoolCall:
             except ray.exceptions.RayError:
                 hosts = ["slice actor gone"]
             if hosts:
-                log.warning("slice %s: hosts %s still busy %.0f s after cancel; replacing it", slice_id, hosts, deadline)
+                log.warning(
+                    "slice %s: hosts %s still busy %.0f s after cancel; replacing it", slice_id, hosts, deadline
+                )
                 stuck.append(slice_id)
         for slice_id in stuck:
             self.pool.replace(slice_id, "cancelled work did not stop")
@@ -572,8 +574,8 @@ class SlicePool:
             before = set(self._slices)
             try:
                 grown = self._grow(1)
-            except Exception as exc:  # the replacement failed to start: the pool is one slice short
-                log.error("pool %s: replacing %s failed: %s", self.name, slice_id, exc)
+            except Exception:  # the replacement failed to start: the pool is one slice short
+                log.exception("pool %s: replacing %s failed", self.name, slice_id)
                 return None
             if not grown:
                 log.error("pool %s: no slice to replace %s; the pool is at %d", self.name, slice_id, self.size)

@@ -119,7 +119,11 @@ def test_pool_on_a_real_cluster_emulating_two_slices_of_two_hosts() -> None:
         assert per_node == [[name], [name]]  # every bundle on a host of its own slice
     # run on every host: per-host environment, grouped by slice or flat
     assert sorted(v for rows in got["run_by_slice"].values() for v in map(tuple, rows)) == [
-        ("insitu_slice_a", 0, 2), ("insitu_slice_a", 1, 2), ("insitu_slice_b", 0, 2), ("insitu_slice_b", 1, 2)]
+        ("insitu_slice_a", 0, 2),
+        ("insitu_slice_a", 1, 2),
+        ("insitu_slice_b", 0, 2),
+        ("insitu_slice_b", 1, 2),
+    ]
     assert got["run_nodes_match"] and got["run_devices"] == [["CPU", 0]]
     assert sorted(map(tuple, got["run_flat"])) == [("insitu_slice_a", 0), ("insitu_slice_a", 1),
                                                    ("insitu_slice_b", 0), ("insitu_slice_b", 1)]  # fmt: skip
