@@ -24,6 +24,7 @@ __all__ = [
     "ArrayLayout",
     "ArraySpec",
     "Backpressure",
+    "BlockRef",
     "Bridge",
     "BridgeStats",
     "ByRef",
@@ -32,6 +33,8 @@ __all__ = [
     "FailurePolicy",
     "RunSummary",
     "Scheduler",
+    "SlicePool",
+    "SliceSpec",
     "__version__",
     "print_debug_info",
 ]
@@ -39,6 +42,9 @@ __all__ = [
 _LAZY = {
     "Analytics": "insitu.analytics",
     "RunSummary": "insitu.analytics",
+    "BlockRef": "insitu.analytics",
+    "SlicePool": "insitu.pool",
+    "SliceSpec": "insitu.pool",
     "Bridge": "insitu.bridge",
     "BridgeStats": "insitu.bridge",
     "ByRef": "insitu.dispatch",

@@ -26,7 +26,7 @@ from insitu.errors import (
 )
 from insitu.messages import EndReason, RunEnd, RunInfo, StepData, Waiting
 
-__all__ = ["Analytics", "RunSummary"]
+__all__ = ["Analytics", "BlockRef", "RunSummary"]
 
 log = logging.getLogger(__name__)
 _POLL = 1.0
@@ -39,6 +39,15 @@ class RunSummary:
     steps: int
     last_step: int | None
     reason: EndReason
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block of a step's array: ``ray.get(ref)[index]`` is the block; ``node`` holds it."""
+
+    ref: Any
+    index: int
+    node: str
 
 
 @dataclass
@@ -97,6 +106,7 @@ class Analytics:
         )
         self.run_name = resolve_run(run, self.config)
         self._callbacks: list[_Callback] = []
+        self._on_close: list[Callable[[RunSummary], None]] = []
         self._head: Any = None
         self._link: Any = None
         self._owns_ray = False
@@ -126,6 +136,28 @@ class Analytics:
 
         return register
 
+    def on_close(self, fn: Callable[[RunSummary], None]) -> Callable[[RunSummary], None]:
+        """Register ``fn(summary)`` to run once the simulation closed, while Ray is still connected.
+
+        The place to collect final results from actors or a slice pool and to release them.
+        """
+        self._on_close.append(fn)
+        return fn
+
+    def blocks(self, array: Any) -> dict[tuple[int, ...], BlockRef]:
+        """Where each block of ``array`` (an array handed to a callback) lives, as object refs.
+
+        ``ray.get(b.ref)[b.index]`` reads block ``b`` anywhere in the cluster without going
+        through this process: hand the :class:`BlockRef` to a task, an actor or a slice pool
+        host and let it read its share (see ``analytics/train_surrogate.py``).
+        """
+        out = {}
+        for key, task in array.__dask_graph__().items():
+            if isinstance(key, tuple) and key[0] == array.name and isinstance(task, tuple):
+                ref, index = task[1], task[2]
+                out[tuple(key[1:])] = BlockRef(ref, int(index), self._where.get(ref.hex(), ""))
+        return dict(sorted(out.items()))
+
     def block_nodes(self, array: Any) -> dict[tuple[int, ...], str]:
         """IP address of the node holding each block of ``array`` (an array handed to a callback).
 
@@ -135,12 +167,7 @@ class Analytics:
         import ray
 
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        out = {}
-        for key, task in array.__dask_graph__().items():
-            if isinstance(key, tuple) and key[0] == array.name and isinstance(task, tuple):
-                node = self._where.get(task[1].hex(), "")
-                out[tuple(key[1:])] = ips.get(node, node)
-        return out
+        return {block: ips.get(b.node, b.node) for block, b in self.blocks(array).items()}
 
     def routes(self) -> dict[str, str]:
         """How this process reaches each node it computed on: IP address to ``"direct"`` or ``"relay"``.
@@ -236,7 +263,10 @@ class Analytics:
             for item in batch:
                 if isinstance(item, RunEnd):
                     if item.reason == EndReason.CLOSED:
-                        return RunSummary(steps, last, item.reason)
+                        summary = RunSummary(steps, last, item.reason)
+                        for fn in self._on_close:
+                            fn(summary)
+                        return summary
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
                 self._process(item)
                 steps += 1
