@@ -67,11 +67,17 @@ ray)
     ip=$(node_ip)
     b=$(node_base "${INSITU_RAY_BASE:?}")
     name=$SLURMD_NODENAME
+    # INSITU_SLICE_HOSTS=K groups the job's nodes K by K into slices for insitu.SlicePool
+    # (node i carries insitu_slice_<i / K>); 0 = no slices
+    resources="\"slurm_node_$name\": 1"
+    if ((${INSITU_SLICE_HOSTS:-0} > 0)); then
+        resources+=", \"insitu_slice_$(($(node_index) / INSITU_SLICE_HOSTS))\": 1"
+    fi
     args=(--node-ip-address="$ip" --node-manager-port=$((b + 1)) --object-manager-port=$((b + 2))
         --dashboard-agent-listen-port=$((b + 5)) --dashboard-agent-grpc-port=$((b + 6))
         --runtime-env-agent-port=$((b + 7)) --metrics-export-port=$((b + 8))
         --min-worker-port=$((b + 10)) --max-worker-port=$((b + 99))
-        --num-cpus="${INSITU_RAY_CPUS:-1}" --resources="{\"slurm_node_$name\": 1}"
+        --num-cpus="${INSITU_RAY_CPUS:-1}" --resources="{$resources}"
         --object-store-memory="${INSITU_STORE_BYTES:?}" --disable-usage-stats --block
         --temp-dir="${INSITU_RAY_TMP:?}/$name")
     launcher=()

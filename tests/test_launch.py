@@ -43,9 +43,10 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         subprocess.run([str(SLURM_LOCAL), "stop"], env=env, check=False, capture_output=True, timeout=60)
 
 
-def _submit(slurm: dict[str, str], tmp: Path, sim: str, ana: str, *extra: str, nodes: int = 3) -> tuple[int, Path]:
+def _submit(slurm: dict[str, str], tmp: Path, sim: str, ana: str, *extra: str, nodes: int = 3,
+            env_extra: dict[str, str] | None = None) -> tuple[int, Path]:  # fmt: skip
     job_dir = tmp / "job"
-    env = {**slurm, "INSITU_JOB_DIR": str(job_dir)}
+    env = {**slurm, "INSITU_JOB_DIR": str(job_dir), **(env_extra or {})}
     cmd = [sys.executable, "-m", "insitu.cli", "launch", "--nodes", str(nodes), "--ranks-per-node", "2",
            "--simulation", sim, "--analytics", ana, "--step-bytes", "1000000", "--time", "00:05:00",
            "--script", str(tmp / "job.sbatch"), "--", f"--output={tmp / 'job.out'}", *extra]  # fmt: skip
@@ -86,8 +87,10 @@ def _heat(dump: Path, steps: int = 30) -> str:
 def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: dict[str, str],
                                                                           tmp_path: Path) -> None:  # fmt: skip
     dump, out, placement = tmp_path / "dump", tmp_path / "out", tmp_path / "placement.json"
-    job, job_dir = _submit(slurm, tmp_path, _heat(dump),
-                           f"python3 analytics/heat_stats.py --out {out} --placement {placement}")  # fmt: skip
+    nodes_file = tmp_path / "nodes.json"
+    job, job_dir = _submit(slurm, tmp_path, _heat(dump), f"python3 tests/sims/record_nodes.py {nodes_file} "
+                           f"python3 analytics/heat_stats.py --out {out} --placement {placement}",
+                           env_extra={"INSITU_SLICE_HOSTS": "2"})  # fmt: skip
     code = _wait(slurm, job)
     log = (tmp_path / "job.out").read_text()
     assert code == 0, log + (job_dir / "analytics.log").read_text()[-2000:]
@@ -111,6 +114,11 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
     where = json.loads(placement.read_text())
     for block, rank in where["owners"].items():
         assert where["blocks"][block] == [hosts[rank][1]], (block, rank)
+    # INSITU_SLICE_HOSTS=2: nodes grouped two by two into slices for insitu.SlicePool
+    slices = {n["ip"]: [r for r in n["resources"] if r.startswith("insitu_slice_")]
+              for n in json.loads(nodes_file.read_text())}  # fmt: skip
+    assert slices == {"127.0.0.20": ["insitu_slice_0"], "127.0.0.21": ["insitu_slice_0"],
+                      "127.0.0.22": ["insitu_slice_1"]}  # fmt: skip
     assert "torn down (exit 0)" in log
     _assert_clean(slurm, job)
 
