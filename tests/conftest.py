@@ -77,6 +77,15 @@ def cluster() -> Iterator[Any]:
         c.stop()
 
 
+def run_check(script: str, timeout: float) -> dict[str, Any]:
+    """Run ``tests/sims/<script>`` (it starts its own cluster) and return the JSON it prints last."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims" / script)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_name(tag: str) -> str:
     """A fresh run name per test."""
     return f"t-{tag}-{secrets.token_hex(3)}"

@@ -3,10 +3,8 @@ real 3-raylet cluster whose third raylet carries the remote marker."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 
 import pytest
 from hypothesis import given
@@ -14,7 +12,7 @@ from hypothesis import strategies as st
 
 from insitu.dispatch import NodeRole, NodeView, Placement, Route, Snapshot, decide, reachable, snapshot_from_ray
 from insitu.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import run_check
 
 H, L1, L2, R1, R2 = "head", "lan1", "lan2", "rem1", "rem2"
 ROLES = {H: NodeRole.HEAD, L1: NodeRole.LAN, L2: NodeRole.LAN, R1: NodeRole.REMOTE, R2: NodeRole.REMOTE}
@@ -116,11 +114,7 @@ def test_direct_only_when_every_possible_landing_node_is_reachable(table: list, 
 
 @pytest.mark.timeout(400)
 def test_relay_on_a_real_cluster_with_a_remote_marked_raylet() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims/dispatch_check.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=380, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_check("dispatch_check.py", timeout=380)
     routes = got["routes"]
     assert routes["head"] == {"head": "direct", "lan": "direct", "remote": "direct", "spread": "direct",
                               "remote-resource": "direct"}  # fmt: skip
@@ -164,11 +158,7 @@ def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_ret
     if reason:
         print(f"premise test skipped: {reason}")
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims/premise_check.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_check("premise_check.py", timeout=180)
     assert got["head_to_lan"] and got["head_to_remote"]  # the head reaches everything
     assert got["remote_to_lan_before_filter"]  # the filter, not something else, cuts the path
     assert not got["plain_ready"] and got["plain_pending_s"] >= 10.0

@@ -4,10 +4,6 @@ emulating two slices of two hosts, scaling, health, run, cancel and drain."""
 from __future__ import annotations
 
 import http.server
-import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +14,7 @@ import pytest
 from insitu.config import Config
 from insitu.errors import ConfigError
 from insitu.pool import SlicePool, SliceSpec, file_probe, metadata_probe, request_slices, slice_names
-from tests.conftest import ROOT
+from tests.conftest import run_check
 
 
 def test_spec_bundle_and_validation() -> None:
@@ -108,11 +104,7 @@ def test_pool_deadlines_are_configuration() -> None:
 
 @pytest.mark.timeout(300)
 def test_pool_on_a_real_cluster_emulating_two_slices_of_two_hosts() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims/pool_check.py")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=280, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_check("pool_check.py", timeout=280)
     # scale: 3 is not feasible (two slices exist), 2 is; one placement group per slice, STRICT_SPREAD
     assert got["scaled_to"] == 2 and got["distinct_nodes"] == 4
     for _sid, name, per_node in got["first"]:

@@ -5,37 +5,26 @@ Prints one JSON object of observations; the test asserts on them.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from typing import Any
+
+from harness import progress as _progress
+from harness import run_on_cluster
 
 RESULTS: dict[str, object] = {}
 
 
 def progress(what: str) -> None:
-    print(f"dispatch_check: {what}", file=sys.stderr, flush=True)
+    _progress("dispatch_check", what)
 
 
 def main() -> int:
-    base = tempfile.mkdtemp(prefix="insitu-dispatch-")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(base, "auth_token")
-    from insitu.cluster.local import LocalCluster
+    def observe(cluster: Any, _base: str) -> dict[str, object]:
+        checks(cluster)
+        return RESULTS
 
-    with LocalCluster(nodes=3, cpus_per_node=2, base_dir=base, resources={2: {"insitu_remote": 1}}) as cluster:
-        import ray
-
-        progress(f"cluster {cluster.address} up")
-        ray.init(address=cluster.address, namespace="insitu", logging_level="ERROR", log_to_driver=False)
-        try:
-            checks(cluster)
-        finally:
-            ray.shutdown()  # before the cluster stops
-    print(json.dumps(RESULTS))
-    return 0
+    return run_on_cluster("dispatch_check", observe, nodes=3, cpus_per_node=2, resources={2: {"insitu_remote": 1}})
 
 
 def checks(cluster: Any) -> None:

@@ -7,12 +7,13 @@ of observations; the test asserts on them.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any
+
+from harness import progress as _progress
+from harness import run_on_cluster
 
 RESULTS: dict[str, Any] = {}
 SLICES = {0: {"insitu_slice_a": 1.0}, 1: {"insitu_slice_a": 1.0}, 2: {"insitu_slice_b": 1.0},
@@ -20,29 +21,20 @@ SLICES = {0: {"insitu_slice_a": 1.0}, 1: {"insitu_slice_a": 1.0}, 2: {"insitu_sl
 
 
 def progress(what: str) -> None:
-    print(f"pool_check: {what}", file=sys.stderr, flush=True)
+    _progress("pool_check", what)
 
 
 def main() -> int:
-    base = tempfile.mkdtemp(prefix="insitu-pool-")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(base, "auth_token")
-    from insitu.cluster.local import LocalCluster
-
-    with LocalCluster(nodes=4, cpus_per_node=2, base_dir=base, resources=SLICES) as cluster:
+    def observe(_cluster: Any, base: str) -> dict[str, Any]:
         import ray
 
-        progress(f"cluster {cluster.address} up")
-        ray.init(address=cluster.address, namespace="insitu", logging_level="ERROR", log_to_driver=False)
-        try:
-            end = time.monotonic() + 60
-            while len([n for n in ray.nodes() if n["Alive"]]) < 4 and time.monotonic() < end:
-                time.sleep(0.2)
-            checks(base)
-        finally:
-            ray.shutdown()  # before the cluster stops
-    print(json.dumps(RESULTS))
-    return 0
+        end = time.monotonic() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 4 and time.monotonic() < end:
+            time.sleep(0.2)
+        checks(base)
+        return RESULTS
+
+    return run_on_cluster("pool_check", observe, nodes=4, cpus_per_node=2, resources=SLICES)
 
 
 def where(env: Any) -> list:
@@ -149,28 +141,19 @@ def checks(base: str) -> None:
 
     progress("cancel")
     before = ids(pool)
-    call = pool.submit(async_nap, 60)
-    time.sleep(1)
-    t = time.monotonic()
-    replaced = call.cancel()
-    try:
-        call.result(timeout=30)
-        RESULTS["cancel_async"] = "no error"
-    except TaskCancelledError:
-        RESULTS["cancel_async"] = "TaskCancelledError"
-    RESULTS["cancel_async_s"] = round(time.monotonic() - t, 1)
-    RESULTS["cancel_async_replaced"] = replaced
-    call = pool.submit(nap, 60)  # a thread that ignores cancellation: the slices are replaced
-    time.sleep(1)
-    t = time.monotonic()
-    replaced = call.cancel()
-    try:
-        call.result(timeout=30)
-        RESULTS["cancel_sync"] = "no error"
-    except TaskCancelledError:
-        RESULTS["cancel_sync"] = "TaskCancelledError"
-    RESULTS["cancel_sync_s"] = round(time.monotonic() - t, 1)
-    RESULTS["cancel_sync_replaced"] = sorted(replaced) == sorted(before)
+    for name, fn in (("cancel_async", async_nap), ("cancel_sync", nap)):  # a coroutine; a thread that ignores it
+        call = pool.submit(fn, 60)
+        time.sleep(1)
+        t = time.monotonic()
+        replaced = call.cancel()
+        try:
+            call.result(timeout=30)
+            RESULTS[name] = "no error"
+        except TaskCancelledError:
+            RESULTS[name] = "TaskCancelledError"
+        RESULTS[f"{name}_s"] = round(time.monotonic() - t, 1)
+        RESULTS[f"{name}_replaced"] = sorted(replaced)
+    RESULTS["cancel_sync_replaced"] = RESULTS["cancel_sync_replaced"] == sorted(before)
     RESULTS["after_cancel"] = [pool.size, len(set(ids(pool)) & set(before))]
     RESULTS["works_after_cancel"] = pool.run(nap, 0, grouping=Grouping.FLAT, timeout=60)
     remember_hosts()
