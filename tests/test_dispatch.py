@@ -131,6 +131,8 @@ def test_relay_on_a_real_cluster_with_a_remote_marked_raylet() -> None:
     lost = got["relay_lost"]
     assert lost["lost"].startswith("RelayLostError") and lost["route"]
     assert lost["again"] == 2 and lost["retried"] == 6
+    assert lost["unreadable"].startswith("UnreachableRefError") and "cannot be read even from the head" in lost[
+        "unreadable"]  # fmt: skip
     assert got["relays_left"] == []
 
 

@@ -32,7 +32,7 @@ def checks(cluster: Any) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
 
-    from insitu.dispatch import Dispatcher, RelayLostError, Route
+    from insitu.dispatch import Dispatcher, RelayLostError, Route, UnreachableRefError
 
     end = time.monotonic() + 60
     while len([n for n in ray.nodes() if n["Alive"]]) < 3 and time.monotonic() < end:
@@ -112,9 +112,20 @@ def checks(cluster: Any) -> None:
         except RelayLostError as exc:
             lost = f"RelayLostError: {exc}"[:200]
         again = d.task(where, 1, options=pin(lan_node)).get(120)[0]
-        retried = d.task(where, 3, options=pin(lan_node), retriable=True)
+        retried = d.task(where, 3, options=pin(lan_node), retriable=True).get(120)[0]
+        # a nested ref whose owner is gone cannot be read even from the head
+        holder = ray.remote(Counter).options(**pin(lan_node)).remote(0)
+        orphan = ray.get(holder.__ray_call__.remote(lambda self: [ray.put(7)]), timeout=60)
+        ray.kill(holder)
+        time.sleep(1)
+        try:
+            d.task(lambda xs: xs[0], orphan, options=pin(lan_node)).get(60)
+            unreadable = "no error"
+        except UnreachableRefError as exc:
+            unreadable = f"UnreachableRefError: {str(exc).strip().splitlines()[-1]}"[:300]
         ray.kill(d.relay())
-        return {"lost": lost, "again": again, "retried": retried.get(120)[0], "route": slow.route == Route.RELAY}
+        return {"lost": lost, "again": again, "retried": retried, "route": slow.route == Route.RELAY,
+                "unreadable": unreadable}  # fmt: skip
 
     progress("relay lost")
     RESULTS["relay_lost"] = ray.get(relay_lost.options(**pin(remote)).remote("chk2", lan), timeout=300)
