@@ -145,11 +145,23 @@ def _packet_filter_missing() -> str | None:
     missing = [tool for tool in ("ip", "iptables", "unshare", "nsenter") if shutil.which(tool) is None]
     if missing:
         return f"needs {' and '.join(missing)} (Debian packages iproute2, iptables, util-linux)"
-    probe = subprocess.run(["ip", "netns", "add", f"insitu-probe{os.getpid()}"], capture_output=True, text=True,
-                           check=False)  # fmt: skip
-    if probe.returncode != 0:
-        return f"cannot create a network namespace here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", f"insitu-probe{os.getpid()}"], capture_output=True, check=False)
+    ns = f"insitu-probe{os.getpid() % 100000}"
+    steps = {
+        "create a network namespace": ["ip", "netns", "add", ns],
+        "add a packet filter rule in it": ["ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-d", "10.0.0.1",
+                                           "-j", "DROP"],
+        "create a veth pair": ["ip", "link", "add", f"isp{os.getpid() % 10000}", "type", "veth", "peer", "name",
+                               f"isq{os.getpid() % 10000}"],
+        "start a process in a PID namespace": ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+    }  # fmt: skip
+    try:
+        for what, cmd in steps.items():
+            probe = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+            if probe.returncode != 0:
+                return f"cannot {what} here: {probe.stderr.strip()[:200]}"
+    finally:
+        subprocess.run(["ip", "link", "del", f"isp{os.getpid() % 10000}"], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
     return None
 
 
