@@ -134,6 +134,8 @@ def test_pool_on_a_real_cluster_emulating_two_slices_of_two_hosts() -> None:
     assert got["after_cancel"] == [2, 0] and sorted(got["works_after_cancel"]) == [0, 0, 1, 1]
     # the preemption probe fired on every host: both slices replaced, pool back at size
     assert got["preempted"] and got["preempted_back"]
+    # a stopped host process does not answer within pool_health_deadline (5 s): its slice alone is replaced
+    assert got["unresponsive_replaced"] and got["unresponsive_other_kept"] and got["unresponsive_s"] < 40
     # drain: no host actor, no placement group left
     assert got["hosts_seen"] == got["hosts_dead"] > 0
     assert got["pgs_left"] == [] and got["size_after_drain"] == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -165,6 +166,16 @@ def checks(base: str) -> None:
     RESULTS["preempted"] = wait_until(lambda: not set(ids(pool)) & set(before), 60)
     os.unlink(flag)
     RESULTS["preempted_back"] = wait_until(lambda: pool.size == 2, 60)
+    remember_hosts()
+
+    progress("an unresponsive host (SIGSTOP)")
+    before = ids(pool)
+    frozen = pool.run(lambda env: os.getpid(), timeout=60)[before[1]][0]
+    os.kill(frozen, signal.SIGSTOP)
+    t = time.monotonic()
+    RESULTS["unresponsive_replaced"] = wait_until(lambda: before[1] not in ids(pool) and pool.size == 2, 60)
+    RESULTS["unresponsive_s"] = round(time.monotonic() - t, 1)
+    RESULTS["unresponsive_other_kept"] = before[0] in ids(pool)
     remember_hosts()
 
     progress("drain")
