@@ -4,7 +4,9 @@ real 3-raylet cluster whose third raylet carries the remote marker."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 from insitu.dispatch import NodeRole, NodeView, Placement, Route, Snapshot, decide, reachable, snapshot_from_ray
 from insitu.errors import ConfigError
-from tests.conftest import run_check
+from tests.conftest import ROOT, run_check
 
 H, L1, L2, R1, R2 = "head", "lan1", "lan2", "rem1", "rem2"
 ROLES = {H: NodeRole.HEAD, L1: NodeRole.LAN, L2: NodeRole.LAN, R1: NodeRole.REMOTE, R2: NodeRole.REMOTE}
@@ -183,3 +185,32 @@ def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_ret
     assert heat["steps"] == 12 and heat["max_abs_error"] < 1e-12
     assert heat["block_ips"] == sorted([heat["lan_ip"], heat["remote_ip"]])  # a node actor on each side
     assert heat["routes"] == {heat["lan_ip"]: "relay", heat["remote_ip"]: "direct"}
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen (Debian package openssh-client)")
+def test_tunnel_script_verifies_host_keys_and_forwards_on_the_advertised_addresses(tmp_path: Path) -> None:
+    key = tmp_path / "hostkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+    known = tmp_path / "known_hosts"
+    known.write_text("head.example.org " + " ".join(key.with_suffix(".pub").read_text().split()[:2]) + "\n")
+    env = {**os.environ, "INSITU_TUNNEL_KNOWN_HOSTS": str(known), "HEAD_IP": "10.0.0.1", "REMOTE_IP": "10.250.0.7",
+           "HEAD_WMIN": "20100", "HEAD_WMAX": "20104", "NODE_WMIN": "20200", "NODE_WMAX": "20209"}  # fmt: skip
+    script = str(ROOT / "launch/tunnel.sh")
+
+    def run(target: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", script, target], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=30, check=False)  # fmt: skip
+
+    unknown = run("user@elsewhere.example.org", INSITU_TUNNEL_DRY_RUN="1")
+    assert unknown.returncode == 1 and "no verified host key for elsewhere.example.org" in unknown.stderr
+    not_local = run("user@head.example.org")  # 10.0.0.1 is no alias here: refused before any ssh
+    assert not_local.returncode == 1 and "ip addr add 10.0.0.1/32 dev lo" in not_local.stderr
+    dry = run("user@head.example.org", INSITU_TUNNEL_DRY_RUN="1")
+    assert dry.returncode == 0, dry.stderr
+    words = dry.stdout.split()
+    assert "StrictHostKeyChecking=yes" in words and "StrictHostKeyChecking=no" not in dry.stdout
+    local = [words[i + 1] for i, w in enumerate(words) if w == "-L"]
+    remote = [words[i + 1] for i, w in enumerate(words) if w == "-R"]
+    assert len(local) == 3 + 5 and all(f.startswith("10.0.0.1:") and f.count("10.0.0.1") == 2 for f in local)
+    assert len(remote) == 4 + 10 and all(f.startswith("10.250.0.7:") for f in remote)
+    assert "10.0.0.1:6379:10.0.0.1:6379" in local and words[-1] == "user@head.example.org"
