@@ -32,6 +32,7 @@
 # LAN nodes cannot reach this node nor it them: dispatch work that may cross with
 # insitu.dispatch.Dispatcher, which relays it through the head (docs/dispatch.md).
 #
+# INSITU_TUNNEL_PORT (default 22) and INSITU_TUNNEL_IDENTITY (a private key file) are passed to ssh;
 # INSITU_TUNNEL_DRY_RUN=1 prints the ssh command line instead of running it.
 set -euo pipefail
 
@@ -40,6 +41,11 @@ known=${INSITU_TUNNEL_KNOWN_HOSTS:?set INSITU_TUNNEL_KNOWN_HOSTS to a known_host
 HEAD_IP=${HEAD_IP:?set HEAD_IP to the head node Ray address (its --node-ip-address)}
 REMOTE_IP=${REMOTE_IP:?set REMOTE_IP to the address this node advertises to Ray}
 host=${target#*@}
+port=${INSITU_TUNNEL_PORT:-22}
+lookup=$host
+if [[ $port != 22 ]]; then
+    lookup="[$host]:$port"  # how known_hosts names a host on another port
+fi
 HEAD_GCS=${HEAD_GCS:-6379}
 HEAD_NM=${HEAD_NM:-6380}
 HEAD_OM=${HEAD_OM:-6381}
@@ -52,8 +58,8 @@ NODE_AGENT=${NODE_AGENT:-6393}
 NODE_WMIN=${NODE_WMIN:-20200}
 NODE_WMAX=${NODE_WMAX:-20239}
 
-if ! ssh-keygen -F "$host" -f "$known" >/dev/null; then
-    echo "tunnel.sh: no verified host key for $host in $known; add it after checking its fingerprint" >&2
+if ! ssh-keygen -F "$lookup" -f "$known" >/dev/null; then
+    echo "tunnel.sh: no verified host key for $lookup in $known; add it after checking its fingerprint" >&2
     exit 1
 fi
 if [[ ${INSITU_TUNNEL_DRY_RUN:-0} != 1 ]]; then
@@ -65,8 +71,11 @@ if [[ ${INSITU_TUNNEL_DRY_RUN:-0} != 1 ]]; then
     done
 fi
 
-args=(-N -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$known" -o ExitOnForwardFailure=yes
-    -o ServerAliveInterval=15 -o ServerAliveCountMax=4)
+args=(-N -p "$port" -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$known" -o BatchMode=yes
+    -o ExitOnForwardFailure=yes -o ServerAliveInterval=15 -o ServerAliveCountMax=4)
+if [[ -n ${INSITU_TUNNEL_IDENTITY:-} ]]; then
+    args+=(-i "$INSITU_TUNNEL_IDENTITY" -o IdentitiesOnly=yes)
+fi
 for p in "$HEAD_GCS" "$HEAD_NM" "$HEAD_OM" $(seq "$HEAD_WMIN" "$HEAD_WMAX"); do
     args+=(-L "$HEAD_IP:$p:$HEAD_IP:$p")
 done
@@ -78,5 +87,5 @@ if [[ ${INSITU_TUNNEL_DRY_RUN:-0} == 1 ]]; then
     echo
     exit 0
 fi
-echo "tunnel.sh: $(((${#args[@]} - 11) / 2)) ports forwarded with $target (Ctrl-C to close)"
+echo "tunnel.sh: forwarding ports between $REMOTE_IP (here) and $HEAD_IP via $target:$port (Ctrl-C to close)"
 exec ssh "${args[@]}" "$target"

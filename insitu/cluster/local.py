@@ -137,6 +137,9 @@ class LocalCluster:
     wrappers
         Command prefix per raylet index, e.g. ``{2: ["ip", "netns", "exec", "ns1"]}`` to run that
         raylet inside a network namespace.
+    deferred
+        Raylet indices :meth:`start` leaves out, to be started later with :meth:`start_node`
+        (once a tunnel they need is up, say); :meth:`node_ports` gives their ports in advance.
     """
 
     nodes: int = 2
@@ -149,11 +152,15 @@ class LocalCluster:
     resources: dict[int, dict[str, float]] = field(default_factory=dict)
     ips: dict[int, str] = field(default_factory=dict)
     wrappers: dict[int, list[str]] = field(default_factory=dict)
+    deferred: frozenset[int] = frozenset()
     node_ips: list[str] = field(default_factory=list, init=False)
     address: str = field(default="", init=False)
     token_path: str | None = field(default=None, init=False)
     dashboard_url: str | None = field(default=None, init=False)
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False)
+    _first: int = field(default=0, init=False)
+    _ray_bin: str = field(default="", init=False)
+    _env: dict[str, str] = field(default_factory=dict, init=False)
     _owns_dir: bool = field(default=False, init=False)
 
     def environment(self) -> dict[str, str]:
@@ -185,53 +192,81 @@ class LocalCluster:
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
         if ray_bin is None:
             raise FileNotFoundError("the 'ray' command is not installed next to this Python")
-        first = free_port_block(_PORTS_PER_NODE * (self.nodes + 1))
-        head_ip = self.ips.get(0, "127.0.0.2")
-        gcs_port = first
-        self.address = f"{head_ip}:{gcs_port}"
+        self._ray_bin, self._env = ray_bin, env
+        self._first = self._pick_ports()
+        self.address = f"{self.ips.get(0, '127.0.0.2')}:{self._first}"
+        self.node_ips = [self.ips.get(i, f"127.0.0.{2 + i}") for i in range(self.nodes)]
         try:
             for i in range(self.nodes):
-                ip = self.ips.get(i, f"127.0.0.{2 + i}")
-                self.node_ips.append(ip)
-                p = first + _PORTS_PER_NODE * (i + 1)
-                wmin = free_port_block(40, start=first + 1000 + 100 * i)
-                args = [
-                    *self.wrappers.get(i, []), ray_bin, "start", "--block", "--disable-usage-stats",
-                    f"--node-ip-address={ip}",
-                    f"--node-manager-port={p}", f"--object-manager-port={p + 1}",
-                    f"--dashboard-agent-listen-port={p + 2}", f"--dashboard-agent-grpc-port={p + 3}",
-                    f"--runtime-env-agent-port={p + 4}", f"--metrics-export-port={p + 5}",
-                    f"--min-worker-port={wmin}", f"--max-worker-port={wmin + 39}",
-                    f"--num-cpus={self.cpus_per_node}",
-                    f"--object-store-memory={self.object_store_bytes}",
-                    f"--temp-dir={base / f'ray-node{i}'}",
-                    "--resources=" + json.dumps({f"insitu_test_node{i}": 1, **self.resources.get(i, {})}),
-                ]  # fmt: skip
-                if i == 0:
-                    args += ["--head", f"--port={gcs_port}", f"--ray-client-server-port={p + 6}"]
-                    if self.dashboard:
-                        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                 f"--dashboard-port={p + 7}"]  # fmt: skip
-                        self.dashboard_url = f"http://127.0.0.1:{p + 7}"
-                    else:
-                        args += ["--include-dashboard=false"]
-                else:
-                    args += [f"--address={self.address}"]
-                logf = open(base / f"node{i}.log", "wb")  # noqa: SIM115 - owned by the child
-                proc = subprocess.Popen(
-                    args, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,
-                )  # fmt: skip
-                logf.close()
-                self._procs.append(proc)
-                self._wait_port(ip, gcs_port if i == 0 else p, f"raylet {i} ({ip})", proc, base / f"node{i}.log")
-                if i == 0 and self.dashboard:
-                    self._wait_port("127.0.0.1", p + 7, "dashboard", proc, base / "node0.log")
+                if i not in self.deferred:
+                    self.start_node(i)
         except BaseException:
             self.stop()
             raise
         log.info("local Ray cluster %s with %d raylets under %s", self.address, self.nodes, base)
         return self
+
+    def _pick_ports(self) -> int:
+        """First port of a layout whose fixed ports and worker port ranges are all free now."""
+        start = None
+        for _ in range(50):
+            first = free_port_block(_PORTS_PER_NODE * (self.nodes + 1), start=start)
+            workers = [first + 1000 + 100 * i + k for i in range(self.nodes) for k in range(40)]
+            if all(_port_free(p) for p in workers):
+                return first
+            start = first + _PORTS_PER_NODE * (self.nodes + 1)
+        raise OSError("no free port layout for the local cluster found")
+
+    def node_ports(self, i: int) -> dict[str, int]:
+        """The fixed ports of raylet ``i`` (``gcs`` only for the head)."""
+        p = self._first + _PORTS_PER_NODE * (i + 1)
+        wmin = self._first + 1000 + 100 * i
+        ports = {"node_manager": p, "object_manager": p + 1, "dashboard_agent_listen": p + 2,
+                 "dashboard_agent_grpc": p + 3, "runtime_env_agent": p + 4, "metrics": p + 5,
+                 "min_worker": wmin, "max_worker": wmin + 39}  # fmt: skip
+        if i == 0:
+            ports.update(gcs=self._first, client_server=p + 6, dashboard=p + 7)
+        return ports
+
+    def start_node(self, i: int) -> None:
+        """Start raylet ``i`` (done by :meth:`start` except for the ``deferred`` ones)."""
+        assert self.base_dir is not None
+        base = Path(self.base_dir)
+        ip, ports = self.node_ips[i], self.node_ports(i)
+        args = [
+            *self.wrappers.get(i, []), self._ray_bin, "start", "--block", "--disable-usage-stats",
+            f"--node-ip-address={ip}",
+            f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
+            f"--dashboard-agent-listen-port={ports['dashboard_agent_listen']}",
+            f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
+            f"--runtime-env-agent-port={ports['runtime_env_agent']}", f"--metrics-export-port={ports['metrics']}",
+            f"--min-worker-port={ports['min_worker']}", f"--max-worker-port={ports['max_worker']}",
+            f"--num-cpus={self.cpus_per_node}",
+            f"--object-store-memory={self.object_store_bytes}",
+            f"--temp-dir={base / f'ray-node{i}'}",
+            "--resources=" + json.dumps({f"insitu_test_node{i}": 1, **self.resources.get(i, {})}),
+        ]  # fmt: skip
+        if i == 0:
+            args += ["--head", f"--port={ports['gcs']}", f"--ray-client-server-port={ports['client_server']}"]
+            if self.dashboard:
+                args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                         f"--dashboard-port={ports['dashboard']}"]  # fmt: skip
+                self.dashboard_url = f"http://127.0.0.1:{ports['dashboard']}"
+            else:
+                args += ["--include-dashboard=false"]
+        else:
+            args += [f"--address={self.address}"]
+        logf = open(base / f"node{i}.log", "wb")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            args, env=self._env, stdout=logf, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        logf.close()
+        self._procs.append(proc)
+        listen = ports["gcs"] if i == 0 else ports["node_manager"]
+        self._wait_port(ip, listen, f"raylet {i} ({ip})", proc, base / f"node{i}.log")
+        if i == 0 and self.dashboard:
+            self._wait_port("127.0.0.1", ports["dashboard"], "dashboard", proc, base / "node0.log")
 
     def _wait_port(self, host: str, port: int, what: str, proc: subprocess.Popen[bytes], logfile: Path) -> None:
         end = time.monotonic() + self.startup_deadline
