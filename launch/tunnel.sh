@@ -63,8 +63,9 @@ if ! ssh-keygen -F "$lookup" -f "$known" >/dev/null; then
     exit 1
 fi
 if [[ ${INSITU_TUNNEL_DRY_RUN:-0} != 1 ]]; then
+    addrs=$(ip -o addr show)  # (grep -q in a pipe would break pipefail with SIGPIPE)
     for ip in "$HEAD_IP" "$REMOTE_IP"; do
-        if ! ip -o addr show | grep -qw "inet $ip"; then
+        if [[ $addrs != *"inet $ip/"* ]]; then
             echo "tunnel.sh: $ip is not a local address here; first run: ip addr add $ip/32 dev lo" >&2
             exit 1
         fi

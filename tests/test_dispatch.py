@@ -187,6 +187,22 @@ def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_ret
     assert heat["routes"] == {heat["lan_ip"]: "relay", heat["remote_ip"]: "direct"}
 
 
+@pytest.mark.timeout(200)
+def test_a_remote_node_joins_through_tunnel_sh_and_dispatch_crosses_it() -> None:
+    """A real SSH tunnel: the namespace may only speak SSH to the host; Ray runs through launch/tunnel.sh."""
+    reason = _packet_filter_missing()
+    missing = [p for p in ("/usr/sbin/sshd", shutil.which("ssh") or "/no/ssh") if not os.path.exists(p)]
+    if reason is None and missing:
+        reason = f"needs {', '.join(missing)} (Debian packages openssh-server, openssh-client)"
+    if reason:
+        print(f"tunnel test skipped: {reason}")
+        pytest.skip(reason)
+    got = run_check("tunnel_check.py", timeout=180)
+    assert got["lan_direct_from_remote"] is False  # only SSH leaves the namespace
+    assert got["remote_joined"] and got["head_to_remote"]  # joined with the marker, reached through -R
+    assert got["dispatched_on_lan"] and got["route"] == "relay"  # -L to the head's relay, then the LAN
+
+
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen (Debian package openssh-client)")
 def test_tunnel_script_verifies_host_keys_and_forwards_on_the_advertised_addresses(tmp_path: Path) -> None:
     key = tmp_path / "hostkey"
