@@ -191,7 +191,7 @@ def test_premise_a_plain_call_across_the_filter_hangs_and_the_dispatched_one_ret
 def test_a_remote_node_joins_through_tunnel_sh_and_dispatch_crosses_it() -> None:
     """A real SSH tunnel: the namespace may only speak SSH to the host; Ray runs through launch/tunnel.sh."""
     reason = _packet_filter_missing()
-    missing = [p for p in ("/usr/sbin/sshd", shutil.which("ssh") or "/no/ssh") if not os.path.exists(p)]
+    missing = [p for p in ("/usr/sbin/sshd", shutil.which("ssh") or "/no/ssh") if not Path(p).exists()]
     if reason is None and missing:
         reason = f"needs {', '.join(missing)} (Debian packages openssh-server, openssh-client)"
     if reason:
