@@ -265,7 +265,13 @@ class Analytics:
                     if item.reason == EndReason.CLOSED:
                         summary = RunSummary(steps, last, item.reason)
                         for fn in self._on_close:
-                            fn(summary)
+                            try:
+                                fn(summary)
+                            except Exception as exc:
+                                raise CallbackError(
+                                    f"on_close callback {fn.__name__} failed after step {last}: "
+                                    f"{type(exc).__name__}: {exc}", step=-1 if last is None else last, arrays=(),
+                                ) from exc  # fmt: skip
                         return summary
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
                 self._process(item)
