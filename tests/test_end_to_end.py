@@ -252,3 +252,42 @@ def test_schedulers_compute_next_to_the_chunks(cluster: Any, scheduler: str) -> 
         assert executors[-1] == rank_nodes
     else:
         assert executors[-1] == set()
+
+
+def test_block_refs_are_read_elsewhere_and_on_close_runs_connected(cluster: Any) -> None:
+    import ray
+
+    import insitu
+    from insitu.errors import CallbackError
+
+    run = run_name("blocks")
+    shape = (8, 6)
+    proc = start_sim(cluster, 4, {"run": run, "steps": 3, "shape": list(shape)})
+    analytics = make_analytics(run)
+    seen: dict[int, bool] = {}
+    closed: list[Any] = []
+
+    @ray.remote(num_cpus=0)
+    def read(b: insitu.BlockRef) -> Any:  # another process reads the block from the object store
+        return ray.get(b.ref)[b.index]
+
+    @analytics.on_step("u")
+    def check(step: int, u: list) -> None:
+        blocks = analytics.blocks(u[0])
+        whole = expected_field(step, shape)
+        assert blocks and all(b.node for b in blocks.values())
+        parts = {k: ray.get(read.remote(b), timeout=60) for k, b in blocks.items()}
+        rows = [np.concatenate([parts[(i, j)] for j in range(u[0].numblocks[1])], axis=1)
+                for i in range(u[0].numblocks[0])]  # fmt: skip
+        seen[step] = bool(np.array_equal(np.concatenate(rows, axis=0), whole))
+
+    @analytics.on_close
+    def done(summary: Any) -> None:
+        closed.append((summary.steps, ray.is_initialized()))
+        raise RuntimeError("late failure")
+
+    with pytest.raises(CallbackError, match="on_close callback done failed after step 2"):
+        analytics.run()
+    assert finish_sim(proc).returncode == 0
+    assert seen == {0: True, 1: True, 2: True}
+    assert closed == [(3, True)]
