@@ -117,9 +117,22 @@ def start_sim(cluster: Any, ranks: int, options: dict[str, Any], env: dict[str, 
     return proc
 
 
+def _mapped_shm() -> set[str]:
+    """Names of /dev/shm files some live process maps."""
+    names = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                names.update(line.rsplit("/", 1)[-1] for line in (proc / "maps").read_text().splitlines()
+                             if "/dev/shm/mpich_shm_" in line)  # fmt: skip
+    return names
+
+
 @pytest.fixture(autouse=True)
 def _no_simulation_outlives_its_test() -> Iterator[None]:
-    """A test that fails before ``finish_sim`` must not leave its mpiexec to the next test."""
+    """A test that fails before ``finish_sim`` must not leave its mpiexec to the next test; the MPICH
+    shared-memory files of ranks a test killed (MPICH cannot unlink them) go too."""
+    before = {f.name for f in Path("/dev/shm").glob("mpich_shm_*")}
     yield
     while _STARTED:
         proc = _STARTED.pop()
@@ -127,6 +140,12 @@ def _no_simulation_outlives_its_test() -> Iterator[None]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    new = [f for f in Path("/dev/shm").glob("mpich_shm_*") if f.name not in before]
+    if new:
+        in_use = _mapped_shm()
+        for f in new:
+            if f.name not in in_use:
+                f.unlink(missing_ok=True)
 
 
 def finish_sim(proc: subprocess.Popen[str], timeout: float = 120) -> SimResult:
