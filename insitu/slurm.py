@@ -4,10 +4,10 @@ Each helper is a small, testable function; the shell scripts in ``launch/`` only
 
 Examples
 --------
->>> store_bytes(step_bytes=8 << 20, window=3, in_flight=2) == int(5 * (8 << 20) * 1.25)
+>>> store_bytes(step_bytes=64 << 20, window=3, in_flight=2) == int(5 * (64 << 20) * 1.25)
 True
 >>> port_block(1234)
-(23000, 100)
+(54000, 100)
 """
 
 from __future__ import annotations
