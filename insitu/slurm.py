@@ -87,25 +87,56 @@ def check_store(need: int, shm: str = "/dev/shm", mem_per_node_mb: int | None = 
         )
 
 
-def wait_for_nodes(address: str, names: Sequence[str], deadline: float) -> None:
+def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_dir: str | None = None) -> None:
     """Wait until a raylet of every SLURM node in ``names`` has joined (resource ``slurm_node_<name>``).
+
+    ``failed_dir`` is where ``insitu_node.sh`` leaves ``ray-start-failed-<node>`` when a node gave up
+    starting Ray; the wait then ends at once instead of at the deadline.
 
     Raises
     ------
     StepTimeoutError
-        Not all joined within ``deadline`` seconds; the message names the missing nodes.
+        Not all joined within ``deadline`` seconds, or a node gave up; the message names the nodes.
     """
+    end = time.monotonic() + deadline
+
+    def check_failed(missing: Sequence[str], joined: str) -> None:
+        if failed_dir is None:
+            return
+        gave_up = {n: (Path(failed_dir) / f"ray-start-failed-{n}") for n in missing}
+        gave_up = {n: f.read_text().strip() for n, f in gave_up.items() if f.exists()}
+        if gave_up:
+            raise StepTimeoutError(
+                "Ray could not be started on " + ", ".join(f"{n} ({why})" for n, why in gave_up.items())
+                + f" (joined: {joined or 'none'}); see ray-node<index>.log in the job directory, and "
+                "INSITU_RAY_START_TRIES to try more often"
+            )
+
+    host, port = address.rsplit(":", 1)
+    while True:  # the head's GCS first: ray.init on an address nobody serves waits for long
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            check_failed(names, "")
+            if time.monotonic() > end:
+                raise StepTimeoutError(
+                    f"the Ray head {address} did not come up within {deadline:.0f} s (nodes: {', '.join(names)}); "
+                    "see ray-node0.log in the job directory"
+                ) from None
+            time.sleep(0.5)
+
     import ray
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     try:
-        end = time.monotonic() + deadline
         while True:
             alive = {k.removeprefix("slurm_node_") for n in ray.nodes() if n["Alive"] for k in n["Resources"]
                      if k.startswith("slurm_node_")}  # fmt: skip
             missing = [n for n in names if n not in alive]
             if not missing:
                 return
+            check_failed(missing, ", ".join(sorted(alive)))
             if time.monotonic() > end:
                 raise StepTimeoutError(
                     f"Ray nodes missing after {deadline:.0f} s: {', '.join(missing)} (joined: "

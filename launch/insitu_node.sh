@@ -46,18 +46,57 @@ node_base() {
     fi
 }
 
+# the ports of the 100-port block starting at $2 that cannot be bound on $1 (space-separated)
+busy_ports() {
+    "${INSITU_PYTHON:-python3}" -c "
+import sys
+from insitu.slurm import busy_ports
+print(' '.join(map(str, busy_ports(sys.argv[1], range(int(sys.argv[2]), int(sys.argv[2]) + 100)))))
+" "$1" "$2"
+}
+
+# run `ray start ... --block` (the arguments); when it fails before the node is up (a loaded node:
+# Ray's agents or its registration time out at start-up), wait for the node's ports to be free
+# again and retry, INSITU_RAY_START_TRIES times in all. A raylet that dies after it was up is
+# not restarted. When every try failed, leave ray-start-failed-<node> in INSITU_JOB_DIR so the
+# batch script stops waiting for this node at once.
+start_ray() {
+    local tries=${INSITU_RAY_START_TRIES:-3} t code out ip=$1 b=$2 deadline
+    shift 2
+    out=${INSITU_RAY_TMP:?}/start-$SLURMD_NODENAME.out  # removed with the job's Ray directory
+    mkdir -p "$INSITU_RAY_TMP"
+    for ((t = 1; ; t++)); do
+        set +e  # tee ignores SIGTERM: ray start keeps its output while it shuts down on a cancel
+        "$@" 2>&1 | (trap '' TERM && exec tee "$out")
+        code=${PIPESTATUS[0]}
+        set -e
+        if grep -q "Ray runtime started" "$out"; then
+            rm -f "$out"
+            return "$code"
+        fi
+        if ((t >= tries)); then
+            rm -f "$out"
+            echo "$SLURMD_NODENAME: ray start failed $t times (last exit $code); giving up" >&2
+            if [[ -n ${INSITU_JOB_DIR:-} ]]; then
+                echo "$t tries, last exit $code" >"$INSITU_JOB_DIR/ray-start-failed-$SLURMD_NODENAME"
+            fi
+            return 1
+        fi
+        echo "$SLURMD_NODENAME: ray start failed before the node was up (exit $code), try $t of $tries;" \
+            "retrying once its ports are free" >&2
+        deadline=$((SECONDS + 60))
+        while [[ -n $(busy_ports "$ip" "$b") ]] && ((SECONDS < deadline)); do
+            sleep 1
+        done
+    done
+}
+
 cmd=${1:?usage: insitu_node.sh ip|ports BASE|ray|rank CMD...}
 shift
 case "$cmd" in
 ip) node_ip ;;
 ports)
-    ip=$(node_ip)
-    first=$(node_base "${1:?base port}")
-    busy=$("${INSITU_PYTHON:-python3}" -c "
-import sys
-from insitu.slurm import busy_ports
-print(' '.join(map(str, busy_ports(sys.argv[1], range(int(sys.argv[2]), int(sys.argv[2]) + 100)))))
-" "$ip" "$first")
+    busy=$(busy_ports "$(node_ip)" "$(node_base "${1:?base port}")")
     if [[ -n $busy ]]; then
         echo "$SLURMD_NODENAME ($ip): ports in use: $busy"
         exit 1
@@ -85,7 +124,9 @@ ray)
         launcher=(taskset -c "0-$((${INSITU_RAY_CPUS:-1} - 1))")
     fi
     if [[ $(node_index) == 0 ]]; then
-        exec "${launcher[@]}" ray start --head --port="$b" --ray-client-server-port=$((b + 3)) --include-dashboard=false "${args[@]}"
+        start_ray "$ip" "$b" "${launcher[@]}" ray start --head --port="$b" --ray-client-server-port=$((b + 3)) \
+            --include-dashboard=false "${args[@]}"
+        exit
     fi
     head=${INSITU_ADDRESS:?}
     deadline=$((SECONDS + 120))
@@ -96,7 +137,7 @@ ray)
         fi
         sleep 0.25
     done
-    exec "${launcher[@]}" ray start --address="$head" "${args[@]}"
+    start_ray "$ip" "$b" "${launcher[@]}" ray start --address="$head" "${args[@]}"
     ;;
 rank)
     INSITU_NODE=$(node_ip)

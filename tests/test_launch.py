@@ -54,8 +54,11 @@ def _submit(slurm: dict[str, str], tmp: Path, sim: str, ana: str, *extra: str, n
     return int(proc.stdout.split()[-1]), job_dir
 
 
-def _wait(slurm: dict[str, str], job: int, timeout: float = 180) -> int:
-    """Wait for the job to end; its exit code (from scontrol, the job is still in slurmctld's memory)."""
+def _wait(slurm: dict[str, str], job: int, timeout: float = 300, log: Path | None = None) -> int:
+    """Wait for the job to end; its exit code (from scontrol, the job is still in slurmctld's memory).
+
+    On timeout the job is cancelled and the failure shows the end of ``log`` (the job's output).
+    """
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         out = subprocess.run(["scontrol", "show", "job", str(job)], env=slurm, capture_output=True, text=True,
@@ -67,7 +70,8 @@ def _wait(slurm: dict[str, str], job: int, timeout: float = 180) -> int:
             return int(code[1])
         time.sleep(1)
     subprocess.run(["scancel", str(job)], env=slurm, check=False)
-    pytest.fail(f"job {job} did not end within {timeout} s")
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else "(no job output)"
+    pytest.fail(f"job {job} did not end within {timeout} s; its output ends with:\n{tail}")
 
 
 def _assert_clean(slurm: dict[str, str], job: int) -> None:
@@ -91,7 +95,7 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
     job, job_dir = _submit(slurm, tmp_path, _heat(dump), f"python3 tests/sims/record_nodes.py {nodes_file} "
                            f"python3 analytics/heat_stats.py --out {out} --placement {placement}",
                            env_extra={"INSITU_SLICE_HOSTS": "2"})  # fmt: skip
-    code = _wait(slurm, job)
+    code = _wait(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code == 0, log + (job_dir / "analytics.log").read_text()[-2000:]
     stats = {int(k): v for k, v in json.loads((out / "stats.json").read_text())["stats"].items()}
@@ -133,7 +137,7 @@ def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Pat
     time.sleep(3)
     running = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], env=slurm, capture_output=True, text=True,
                              check=False).stdout.split()  # fmt: skip
-    codes = [_wait(slurm, job) for (job, _), _ in jobs]
+    codes = [_wait(slurm, job, log=d / "job.out") for (job, _), d in jobs]
     assert codes == [0, 0], [(d / "job.out").read_text() for _, d in jobs]
     assert len(running) == 2, f"both jobs should run at the same time: {running}"
     for (job, _), d in jobs:
@@ -144,7 +148,7 @@ def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Pat
 def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], tmp_path: Path) -> None:
     job, job_dir = _submit(slurm, tmp_path, "python3 tests/sims/crash.py",
                            f"python3 analytics/heat_stats.py --out {tmp_path / 'out'}")  # fmt: skip
-    code = _wait(slurm, job)
+    code = _wait(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code != 0, log
     assert "simulation exited with" in log and "torn down" in log
@@ -157,7 +161,7 @@ def test_time_limit_stops_the_simulation_through_the_signal(slurm: dict[str, str
     job, job_dir = _submit(slurm, tmp_path, "python3 sim_adapters/python/heat2d.py --nx 32 --ny 32 --steps 1000000",
                            f"python3 analytics/heat_stats.py --out {out}", "--time=1",
                            "--signal=B:USR1@50", nodes=2)  # fmt: skip
-    code = _wait(slurm, job, timeout=150)
+    code = _wait(slurm, job, timeout=240, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code == 0, log
     assert "steering value stop=true set" in log
@@ -224,3 +228,63 @@ def test_srun_without_the_mpi_plugin_is_refused(slurm: dict[str, str]) -> None:
     assert proc.returncode != 0
     assert "ContractError" in proc.stderr
     assert "size" in proc.stderr or "tasks" in proc.stderr, proc.stderr[-2000:]
+
+
+def _fake_ray(slurm: dict[str, str], tmp_path: Path, fail_first: int) -> dict[str, str]:
+    """A `ray` on PATH that fails `fail_first` times before the node is up, then starts; the env to run it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ray = bin_dir / "ray"
+    ray.write_text(
+        "#!/usr/bin/env bash\n"
+        f'n=$(cat "{tmp_path}/calls" 2>/dev/null || echo 0); echo $((n + 1)) >"{tmp_path}/calls"\n'
+        f'echo "$@" >>"{tmp_path}/args"\n'
+        f"if ((n < {fail_first})); then echo 'The current node timed out during startup.' >&2; exit 1; fi\n"
+        "echo 'Ray runtime started.'\n"
+    )
+    ray.chmod(0o755)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    return {**slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURMD_NODENAME": "node1",
+            "SLURM_JOB_NODELIST": "node[1-3]", "INSITU_EMULATED_NODES": "1", "INSITU_RAY_BASE": "35000",
+            "INSITU_STORE_BYTES": str(80 << 20), "INSITU_RAY_TMP": str(tmp_path / "raytmp"),
+            "INSITU_JOB_DIR": str(job_dir), "INSITU_RAY_START_TRIES": "3"}  # fmt: skip
+
+
+def test_ray_start_that_fails_before_the_node_is_up_is_retried(slurm: dict[str, str], tmp_path: Path) -> None:
+    env = _fake_ray(slurm, tmp_path, fail_first=2)
+    proc = subprocess.run([str(ROOT / "launch" / "insitu_node.sh"), "ray"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "calls").read_text().strip() == "3"
+    assert proc.stderr.count("retrying once its ports are free") == 2, proc.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert all(a.startswith("start --head --port=35000 ") for a in args), args  # node1 = first node: the head
+    assert not (tmp_path / "job" / "ray-start-failed-node1").exists()
+
+
+def test_ray_start_gives_up_after_its_tries_and_the_wait_ends_at_once(slurm: dict[str, str],
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    from insitu.errors import StepTimeoutError
+    from insitu.slurm import wait_for_nodes
+
+    env = _fake_ray(slurm, tmp_path, fail_first=10)
+    proc = subprocess.run([str(ROOT / "launch" / "insitu_node.sh"), "ray"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert (tmp_path / "calls").read_text().strip() == "3"
+    assert "ray start failed 3 times (last exit 1); giving up" in proc.stderr
+    marker = tmp_path / "job" / "ray-start-failed-node1"
+    assert marker.read_text().strip() == "3 tries, last exit 1"
+    t0 = time.monotonic()
+    with pytest.raises(StepTimeoutError, match=r"Ray could not be started on node1 \(3 tries, last exit 1\)"):
+        wait_for_nodes("127.0.0.20:35000", ["node1", "node2"], deadline=60, failed_dir=str(tmp_path / "job"))
+    assert time.monotonic() - t0 < 10
+
+
+def test_wait_for_nodes_names_a_head_that_never_came_up(tmp_path: Path) -> None:
+    from insitu.errors import StepTimeoutError
+    from insitu.slurm import wait_for_nodes
+
+    with pytest.raises(StepTimeoutError, match=r"the Ray head 127.0.0.20:35000 did not come up within 1 s"):
+        wait_for_nodes("127.0.0.20:35000", ["node1"], deadline=1, failed_dir=str(tmp_path))
