@@ -230,6 +230,31 @@ def _as_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+@dataclass(frozen=True)
+class _ShippedFn:
+    """A function as the relay receives it: pickled once per dispatcher, known by its digest."""
+
+    digest: str
+    blob: bytes
+
+
+_FN_CACHE = 256  # functions a dispatcher or a relay keeps exported
+
+
+class _Lru(dict[Any, Any]):
+    """A dict that keeps the ``_FN_CACHE`` most recently used entries."""
+
+    def use(self, key: Any, make: Callable[[], Any], fresh: Callable[[Any], bool] = lambda v: True) -> Any:
+        """The value of ``key`` (``make()`` if absent or not ``fresh``), now the most recently used."""
+        value = self.pop(key, None)
+        if value is None or not fresh(value):
+            if len(self) >= _FN_CACHE:
+                del self[next(iter(self))]
+            value = make()
+        self[key] = value
+        return value
+
+
 def _check_options(options: Mapping[str, Any]) -> None:
     if options.get("num_returns", 1) != 1:
         raise ConfigError(
@@ -239,6 +264,7 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 # -- the relay ------------------------------------------------------------------------------------
 def _relay_class() -> Any:
+    import cloudpickle
     import ray
 
     @ray.remote(num_cpus=0, max_restarts=0)
@@ -248,6 +274,10 @@ def _relay_class() -> Any:
         def __init__(self) -> None:
             self._actors: dict[int, Any] = {}
             self._next = 0
+            self._fns = _Lru()  # digest -> remote function, exported once
+
+        def _remote_fn(self, fn: _ShippedFn) -> Any:
+            return self._fns.use(fn.digest, lambda: ray.remote(_as_function(cloudpickle.loads(fn.blob))))
 
         async def _resolve(self, value: Any) -> Any:
             if isinstance(value, ByRef):
@@ -267,10 +297,10 @@ def _relay_class() -> Any:
                 return {k: await self._resolve(v) for k, v in value.items()}
             return value
 
-        async def task(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        async def task(self, fn: _ShippedFn, args: tuple[Any, ...], kwargs: dict[str, Any],
                        options: dict[str, Any]) -> Any:  # fmt: skip
             args, kwargs = await self._resolve(args), await self._resolve(kwargs)
-            return await ray.remote(_as_function(fn)).options(**options).remote(*args, **kwargs)
+            return await self._remote_fn(fn).options(**options).remote(*args, **kwargs)
 
         async def create(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
                          options: dict[str, Any]) -> int:  # fmt: skip
@@ -306,6 +336,7 @@ class Dispatched:
     ref: Any
     route: Route
     resubmit: Callable[[], Dispatched] | None = None
+    on_lost: Callable[[], None] | None = None  # the dispatcher forgets the dead relay
 
     def get(self, timeout: float = 120.0) -> Any:
         """The result; ``RelayLostError`` if the relay died carrying it (rerun once if retriable)."""
@@ -316,6 +347,8 @@ class Dispatched:
         except ray.exceptions.RayActorError as exc:
             if self.route != Route.RELAY:
                 raise
+            if self.on_lost is not None:
+                self.on_lost()
             if self.resubmit is not None:
                 log.warning("relay lost; rerunning a retriable call through a new relay")
                 return self.resubmit().get(timeout)
@@ -336,7 +369,8 @@ class ActorProxy:
         """Call ``method`` on the actor (through the relay that created it, if relayed)."""
         if self.route == Route.DIRECT:
             return Dispatched(getattr(self.handle, method).remote(*_unwrap(args), **_unwrap(kwargs)), Route.DIRECT)
-        return Dispatched(self.relay.call.remote(self.key, method, args, kwargs), Route.RELAY)
+        return Dispatched(self.relay.call.remote(self.key, method, args, kwargs), Route.RELAY,
+                          on_lost=self.dispatcher._forget_relay)  # fmt: skip
 
     def kill(self) -> None:
         """End the actor (directly, or through the relay that holds it)."""
@@ -375,6 +409,8 @@ class Dispatcher:
     relay_concurrency: int = 1000
     _snap: Snapshot | None = field(default=None, init=False, repr=False)
     _relay: Any = field(default=None, init=False, repr=False)
+    # id(fn) -> [fn, its remote function, its shipped form]; fn is kept so that its id stays its own
+    _fns: _Lru = field(default_factory=_Lru, init=False, repr=False)
 
     def snapshot(self) -> Snapshot:
         """The node table, refreshed when older than ``ttl``."""
@@ -394,17 +430,15 @@ class Dispatcher:
         return decide(me, placement_of(options), self.snapshot(), time.monotonic(), self.ttl)
 
     def relay(self) -> Any:
-        """The run's relay actor on the head (created on first use, replaced if it died)."""
+        """The run's relay actor on the head (created on first use; a relay seen dead is replaced).
+
+        The handle is kept: a call that finds the relay dead makes the next call look it up again.
+        """
         import ray
 
         name = f"insitu-relay-{self.run}"
         if self._relay is not None:
-            try:
-                ray.get(self._relay.ping.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                self._relay = None
-            else:
-                return self._relay
+            return self._relay
         self._relay = _relay_class().options(
             name=name, namespace=self.namespace, get_if_exists=True, lifetime="detached",
             resources={HEAD_RESOURCE: 0.001}, max_concurrency=self.relay_concurrency,
@@ -421,19 +455,44 @@ class Dispatcher:
     def task(self, fn: Callable[..., Any], *args: Any, options: Mapping[str, Any] | None = None,
              retriable: bool = False, **kwargs: Any) -> Dispatched:  # fmt: skip
         """Run ``fn(*args, **kwargs)`` as a Ray task with ``options``."""
-        import ray
-
         opts = dict(options or {})
         if self.route(opts) == Route.DIRECT:
-            fn_remote = ray.remote(_as_function(fn)).options(**opts)
+            fn_remote = self._remote_fn(fn).options(**opts)
             return Dispatched(fn_remote.remote(*_unwrap(args), **_unwrap(kwargs)), Route.DIRECT)
+        shipped = self._shipped_fn(fn)
 
         def submit() -> Dispatched:
-            return Dispatched(self.relay().task.remote(fn, args, kwargs, opts), Route.RELAY)
+            return Dispatched(self.relay().task.remote(shipped, args, kwargs, opts), Route.RELAY,
+                              on_lost=self._forget_relay)  # fmt: skip
 
         first = submit()
         first.resubmit = submit if retriable else None
         return first
+
+    def _entry(self, fn: Callable[..., Any]) -> list[Any]:
+        import ray
+
+        return self._fns.use(id(fn), lambda: [fn, ray.remote(_as_function(fn)), None], lambda v: v[0] is fn)
+
+    def _remote_fn(self, fn: Callable[..., Any]) -> Any:
+        """``ray.remote(fn)``, made (and exported to the cluster) once per function."""
+        return self._entry(fn)[1]
+
+    def _shipped_fn(self, fn: Callable[..., Any]) -> _ShippedFn:
+        """``fn`` as sent to the relay: pickled once, like ``ray.remote`` does (captured state is
+        taken at the first call)."""
+        import hashlib
+
+        import cloudpickle
+
+        entry = self._entry(fn)
+        if entry[2] is None:
+            blob = cloudpickle.dumps(fn)
+            entry[2] = _ShippedFn(hashlib.sha256(blob).hexdigest(), blob)
+        return entry[2]
+
+    def _forget_relay(self) -> None:
+        self._relay = None
 
     def actor(self, cls: type, *args: Any, options: Mapping[str, Any] | None = None, **kwargs: Any) -> ActorProxy:
         """Create an actor of ``cls`` with ``options``; its calls go the same way."""
@@ -443,9 +502,17 @@ class Dispatcher:
         if self.route(opts) == Route.DIRECT:
             handle = ray.remote(cls).options(**opts).remote(*_unwrap(args), **_unwrap(kwargs))
             return ActorProxy(self, Route.DIRECT, handle=handle)
-        relay = self.relay()
-        key = ray.get(relay.create.remote(cls, args, kwargs, opts), timeout=120)
-        return ActorProxy(self, Route.RELAY, key=key, relay=relay)
+        for attempt in (1, 2):  # a relay found dead is replaced once: the actor died with it, if it was made
+            relay = self.relay()
+            try:
+                key = ray.get(relay.create.remote(cls, args, kwargs, opts), timeout=120)
+            except ray.exceptions.RayActorError as exc:
+                self._forget_relay()
+                if attempt == 2:
+                    raise RelayLostError(f"the relay actor died while creating a {cls.__name__}: {exc}") from exc
+                continue
+            return ActorProxy(self, Route.RELAY, key=key, relay=relay)
+        raise AssertionError("unreachable")
 
     def fetch(self, refs: list[Any], nodes: Iterable[str], timeout: float = 120.0) -> list[Any]:
         """The values of ``refs`` held on ``nodes``: read directly if every node is reachable from here,
@@ -456,7 +523,13 @@ class Dispatcher:
         snap, now = self.snapshot(), time.monotonic()
         if all(decide(me, Placement(node_id=n), snap, now, self.ttl) == Route.DIRECT for n in set(nodes)):
             return list(ray.get(refs, timeout=timeout))
-        return Dispatched(self.relay().fetch.remote(list(refs)), Route.RELAY).get(timeout)
+
+        def submit() -> Dispatched:  # reading is idempotent: rerun through a new relay if one dies
+            return Dispatched(self.relay().fetch.remote(list(refs)), Route.RELAY, on_lost=self._forget_relay)
+
+        first = submit()
+        first.resubmit = submit
+        return first.get(timeout)
 
     def close(self) -> None:
         """Remove the run's relay (and the actors it created), whichever process created it."""

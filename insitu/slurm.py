@@ -107,7 +107,8 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_d
         gave_up = {n: f.read_text().strip() for n, f in gave_up.items() if f.exists()}
         if gave_up:
             raise StepTimeoutError(
-                "Ray could not be started on " + ", ".join(f"{n} ({why})" for n, why in gave_up.items())
+                "Ray could not be started on "
+                + ", ".join(f"{n} ({why})" for n, why in gave_up.items())
                 + f" (joined: {joined or 'none'}); see ray-node<index>.log in the job directory, and "
                 "INSITU_RAY_START_TRIES to try more often"
             )

@@ -12,7 +12,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from insitu.dispatch import NodeRole, NodeView, Placement, Route, Snapshot, decide, reachable, snapshot_from_ray
+from insitu.dispatch import (
+    Dispatcher,
+    NodeRole,
+    NodeView,
+    Placement,
+    Route,
+    Snapshot,
+    decide,
+    reachable,
+    snapshot_from_ray,
+)
 from insitu.errors import ConfigError
 from tests.conftest import ROOT, run_check
 
@@ -130,6 +140,7 @@ def test_relay_on_a_real_cluster_with_a_remote_marked_raylet() -> None:
     assert fr["nested_ref"] == 11
     assert fr["actor"] == [11, 13, True, "relay"]
     assert fr["many"] == 16 and fr["inner"] == 8
+    assert fr["again"] == [0, 2, 4] and fr["lambdas"] == [0, 10, 20]
     lost = got["relay_lost"]
     assert lost["lost"].startswith("RelayLostError") and lost["route"]
     assert lost["again"] == 2 and lost["retried"] == 6
@@ -230,3 +241,22 @@ def test_tunnel_script_verifies_host_keys_and_forwards_on_the_advertised_address
     assert len(local) == 3 + 5 and all(f.startswith("10.0.0.1:") and f.count("10.0.0.1") == 2 for f in local)
     assert len(remote) == 4 + 10 and all(f.startswith("10.250.0.7:") for f in remote)
     assert "10.0.0.1:6379:10.0.0.1:6379" in local and words[-1] == "user@head.example.org"
+
+
+def test_functions_are_made_remote_and_pickled_once_per_dispatcher_in_a_bounded_cache() -> None:
+    from insitu.dispatch import _FN_CACHE
+
+    d = Dispatcher("unit")
+
+    def f(x: int) -> int:
+        return x
+
+    assert d._remote_fn(f) is d._remote_fn(f)
+    assert d._shipped_fn(f) is d._shipped_fn(f)
+    a, b = (lambda: 1), (lambda: 2)  # noqa: E731  look-alikes: same name, different code
+    assert d._shipped_fn(a).digest != d._shipped_fn(b).digest
+    many = [lambda k=k: k for k in range(_FN_CACHE + 10)]
+    for g in many:
+        d._remote_fn(g)
+    assert len(d._fns) == _FN_CACHE
+    assert d._remote_fn(many[-1]) is d._remote_fn(many[-1])  # the most recent stay

@@ -89,12 +89,17 @@ def checks(cluster: Any) -> None:
         inner = d.task(nest, 4, options=pin(head)).get(180)
         for m in many:
             m.get(180)
+        # functions are pickled and exported once: the same one again, and look-alike lambdas that differ
+        again = [d.task(where, k, options=pin(lan_node)).get(120)[0] for k in range(3)]
+        lambdas = [d.task(lambda k=k: 10 * k, options=pin(lan_node)).get(120) for k in range(3)]
         return {
             "task": [value, node == lan_node, t.route.value],
             "nested_ref": nested,
             "actor": [c1[0], c2[0], c2[1] == lan_node, a.route.value],
             "many": len(many),
             "inner": inner,
+            "again": again,
+            "lambdas": lambdas,
         }
 
     progress("from remote")
