@@ -185,12 +185,14 @@ def heat_across_the_filter(cluster_env: dict[str, str], inside: list[str], ns: s
                             "--print-every", "1000", "--placement", str(placement)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
-    heat = [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"), "--nx", "24", "--ny", "20", "--steps", "12"]
+    steps = int(os.environ.get("PREMISE_STEPS", "12"))  # a longer run by hand: docs/dispatch.md
+    heat = [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"), "--nx", "24", "--ny", "20", "--steps",
+            str(steps)]  # fmt: skip
     sim_cmd = [mpiexec, "-n", "1", "-env", "INSITU_NODE", lan_ip, *heat, "--dump", str(dump), ":",
                "-n", "1", "-env", "INSITU_NODE", remote_ip, *netns, *heat, "--dump", str(dump)]  # fmt: skip
     try:
-        sim = subprocess.run(sim_cmd, env=env, capture_output=True, text=True, timeout=150, check=False)
-        _, ana_err = ana.communicate(timeout=90)
+        sim = subprocess.run(sim_cmd, env=env, capture_output=True, text=True, timeout=150 + steps, check=False)
+        _, ana_err = ana.communicate(timeout=90 + steps / 2)
     finally:
         if ana.poll() is None:
             ana.kill()
@@ -206,6 +208,7 @@ def heat_across_the_filter(cluster_env: dict[str, str], inside: list[str], ns: s
     return {
         "steps": len(stats),
         "max_abs_error": worst,
+        "analytics_warnings": [line[:300] for line in ana_err.splitlines() if "WARN" in line or "rror" in line][:20],
         "block_ips": sorted({ips[0] for ips in where["blocks"].values()}),
         "routes": where["routes"],
         "lan_ip": lan_ip,
