@@ -1,8 +1,9 @@
 """The simulation side: one :class:`Bridge` per MPI rank.
 
-Only rank 0 of the bridge is a Ray driver (to register the run); every rank
-talks to its own node's actor through a Unix socket and a shared-memory
-staging file, so a rank costs a few MB and no Ray start-up.
+No rank imports Ray. Rank 0 registers the run through the run driver, a separate
+process on its host (:mod:`insitu.driver`); every rank talks to its own node's actor
+through a Unix socket and a shared-memory staging file, so a rank costs a few MB and
+no Ray start-up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from insitu.comm import agree, connect_ray, launcher_mismatch, raise_common, resolve_nodes
+from insitu.comm import agree, launcher_mismatch, raise_common
 from insitu.config import Backpressure, Config, FailurePolicy, resolve_run
 from insitu.errors import (
     AnalyticsFailedError,
@@ -30,7 +31,16 @@ from insitu.errors import (
     StepTimeoutError,
 )
 from insitu.layout import ArrayLayout, ArraySpec, validate_layout
-from insitu.messages import AnalyticsState, SimInfo, Status, SteeringUpdate, Wire
+from insitu.messages import (
+    AbortRun,
+    AnalyticsState,
+    DriverRefused,
+    RegisterRun,
+    RunRegistered,
+    Status,
+    SteeringUpdate,
+    Wire,
+)
 from insitu.transport import RankChannel, StagingFile, align
 
 __all__ = ["Bridge", "BridgeStats"]
@@ -121,8 +131,7 @@ class Bridge:
         self.size: int = self._comm.Get_size()
         self._channel: RankChannel | None = None
         self._staging: StagingFile | None = None
-        self._owns_ray = False
-        self._head: Any = None
+        self._driver: RankChannel | None = None
         local: InsituError | None = None
         specs: dict[str, ArraySpec] = {}
         cfg = Config()
@@ -139,14 +148,14 @@ class Bridge:
         self._specs = specs
         if self.rank == 0 and local is None:
             try:
-                self._owns_ray = connect_ray(cfg)
-                from insitu.actors.head import get_or_create_head
+                cfg.require_address()
+                from insitu.driver import connect_driver
 
-                self._head = get_or_create_head(self.run, cfg)
+                self._driver, _ = connect_driver(self.run, cfg)
             except InsituError as exc:
                 local = exc
-            except Exception as exc:  # Ray's own errors: carried into the collective, never raised alone
-                local = ContractError(f"cannot reach Ray at {cfg.address}: {type(exc).__name__}: {exc}")
+            except OSError as exc:  # carried into the collective, never raised alone
+                local = ContractError(f"cannot start the run driver of run {self.run!r}: {exc}")
         mine = (
             None if local is None else f"{type(local).__name__}: {local}",
             {n: s.summary() for n, s in specs.items()},
@@ -157,8 +166,6 @@ class Bridge:
         result = self._setup_root(gathered) if self.rank == 0 else None  # type: ignore[arg-type]
         result = self._comm.bcast(result, root=0)
         if result[0] == "error":
-            if self.rank == 0:
-                self._abort(result[1], registered=getattr(self, "_maybe_registered", False))
             self._release()
             raise ContractError(result[1])
         _, layouts, rank_nodes, addresses = result
@@ -190,22 +197,27 @@ class Bridge:
             agree(self._comm, local)
         except InsituError:
             if self.rank == 0:
-                self._abort("a rank could not reach its node actor", registered=True)
+                self._abort("a rank could not reach its node actor")
             self._release()
             raise
+        self._leave_driver()
         self._closed = False
 
     # -- set-up ------------------------------------------------------------------------
-    def _abort(self, reason: str, registered: bool) -> None:
-        """Rank 0: tell the head the set-up failed, so the run is reclaimed now."""
-        if self._head is None:
+    def _abort(self, reason: str) -> None:
+        """Rank 0: the set-up failed after registration; the driver reclaims the run now."""
+        if self._driver is None:
             return
-        import ray
-
         try:
-            ray.get(self._head.abort.remote(reason, registered), timeout=10)
-        except Exception as exc:  # best effort: the head's own watchdog reclaims it anyway
-            log.warning("could not abort run %s on its head actor: %s", getattr(self, "run", "?"), exc)
+            self._driver.send(AbortRun(reason, True))
+            self._driver.wait_for(bool, time.monotonic() + 10)
+        except OSError as exc:  # best effort: the head's own watchdog reclaims it anyway
+            log.warning("could not abort run %s through its driver: %s", getattr(self, "run", "?"), exc)
+
+    def _leave_driver(self) -> None:
+        if self._driver is not None:
+            self._driver.close()
+            self._driver = None
 
     def _setup_root(self, gathered: list[Any]) -> tuple[Any, ...]:
         errors = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
@@ -221,28 +233,25 @@ class Bridge:
             layouts = validate_layout(per_rank)
         except ContractError as exc:
             return ("error", str(exc))
+        assert self._driver is not None
+        # the driver waits up to the set-up deadline for raylets, then for the head: allow both
+        setup = max(self.config.deadline, self.config.startup_deadline)
+        settings = tuple(g[2] for g in gathered)
         try:
-            import ray
-
-            setup = max(self.config.deadline, self.config.startup_deadline)
-            end = time.monotonic() + setup
-            while True:  # raylets may still be joining when a launcher starts the ranks
-                rank_nodes, problems = resolve_nodes([g[2] for g in gathered])
-                if not problems or time.monotonic() > end or not any("no live" in p for p in problems):
-                    break
-                time.sleep(0.5)
-            if problems:
-                return ("error", "; ".join(problems))
-            info = SimInfo(self.size, tuple(layouts.values()), tuple(rank_nodes), self.config.in_flight)
-            addresses = ray.get(self._head.register_simulation.remote(info), timeout=setup)
-        except InsituError as exc:
-            return ("error", str(exc))
-        except Exception as exc:
-            # a registration that timed out may still complete on the head: it is ours to abort
-            self._maybe_registered = isinstance(exc, ray.exceptions.GetTimeoutError)
-            cause = getattr(exc, "cause", None) or exc
-            return ("error", f"registering run {self.run!r} failed: {type(cause).__name__}: {cause}")
-        return ("ok", layouts, rank_nodes, addresses)
+            self._driver.send(RegisterRun(self.config, self.size, tuple(layouts.values()), settings))
+            got = self._driver.wait_for(
+                lambda ms: any(isinstance(m, RunRegistered | DriverRefused) for m in ms),
+                time.monotonic() + 2 * setup + 30,
+            )
+        except OSError as exc:
+            return ("error", f"lost the run driver of run {self.run!r} during registration: {exc}")
+        for m in got:
+            if isinstance(m, DriverRefused):
+                return ("error", m.message)
+            if isinstance(m, RunRegistered):
+                return ("ok", layouts, list(m.rank_nodes), m.addresses)
+        what = "closed the connection" if self._driver.closed else f"did not answer within {2 * setup + 30:.0f} s"
+        return ("error", f"the run driver of run {self.run!r} {what} during registration")
 
     def _connect(self, address: str, cfg: Config) -> None:
         entries: list[tuple[str, Any, tuple[int, ...], str, int]] = []
@@ -541,11 +550,7 @@ class Bridge:
             self._views = []
             self._staging.close()
             self._staging = None
-        if self._owns_ray:
-            import ray
-
-            ray.shutdown()
-            self._owns_ray = False
+        self._leave_driver()
         if self._comm is not None:
             self._comm.Free()
             self._comm = None

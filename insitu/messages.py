@@ -1,6 +1,10 @@
 """Small frozen messages that cross process boundaries.
 
-Two channels exist:
+Three channels exist:
+
+* rank 0 <-> run driver: a Unix stream socket on rank 0's host carrying the
+  ``RegisterRun``/``AbortRun``/``RunRegistered``/``DriverRefused``/``DriverHello``
+  dataclasses (see :mod:`insitu.driver`), once per run;
 
 * rank <-> node actor: a Unix stream socket on the rank's host carrying
   :class:`Wire`-tagged tuples (see :mod:`insitu.transport`); the chunk bytes
@@ -15,15 +19,21 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from insitu.config import Config
 from insitu.layout import ArrayLayout
 
 __all__ = [
+    "AbortRun",
     "AnalyticsState",
     "ChunkRef",
+    "DriverHello",
+    "DriverRefused",
     "EndReason",
     "NodeStep",
+    "RegisterRun",
     "RunEnd",
     "RunInfo",
+    "RunRegistered",
     "SimInfo",
     "Status",
     "SteeringUpdate",
@@ -153,3 +163,43 @@ class Waiting:
 
     description: str
     missing: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRun:
+    """Rank 0 -> run driver: register the simulation (validated layouts, every rank's node setting)."""
+
+    config: Config
+    size: int
+    layouts: tuple[ArrayLayout, ...]
+    node_settings: tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRegistered:
+    """Run driver -> rank 0: every rank's node id and each node actor's socket address."""
+
+    rank_nodes: tuple[str, ...]
+    addresses: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverRefused:
+    """Run driver -> rank 0: the registration failed (every rank raises this message)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRun:
+    """Rank 0 -> run driver: the set-up failed after registration; reclaim the run now."""
+
+    reason: str
+    registered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DriverHello:
+    """Run driver -> client: greeting on connect, and acknowledgement of an ``AbortRun``."""
+
+    pid: int

@@ -1,4 +1,4 @@
-"""Rank side of the rank <-> node-actor channel: a Unix socket plus a staging file.
+"""Rank side of the rank <-> node-actor and rank 0 <-> run-driver channels: a Unix socket plus a staging file.
 
 The chunk bytes never cross the socket: the rank copies its block into a slot
 of a shared-memory staging file (one copy), then sends a few-byte message. The
@@ -96,12 +96,27 @@ class RankChannel:
     """Blocking/non-blocking framed messages over a Unix stream socket."""
 
     def __init__(self, address: str, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(address)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.sock.setblocking(False)
         self._buf = bytearray()
         self.closed = False
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> RankChannel:
+        """Wrap an accepted connection (the serving side of the same framing)."""
+        channel = cls.__new__(cls)
+        channel._adopt(sock)
+        return channel
 
     def send(self, message: Any) -> None:
         """Send one message (blocks only if the kernel buffer is full)."""

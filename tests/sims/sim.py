@@ -37,6 +37,18 @@ def field(step: int, gshape: tuple[int, ...], start: tuple[int, ...], shape: tup
     return (1000 * step + flat).astype(dtype)
 
 
+def probe_process() -> dict[str, object]:
+    """What this rank's process holds of Ray: imported modules, mapped libraries, memory."""
+    maps = open("/proc/self/maps").read()
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    return {
+        "ray_imported": sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")),
+        "raylet_mapped": "_raylet" in maps,
+        "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+        "pid": os.getpid(),
+    }
+
+
 def main() -> int:
     opt = json.loads(sys.argv[1])
     world = MPI.COMM_WORLD
@@ -112,6 +124,8 @@ def main() -> int:
                 bridge.close()
                 return 4
             continue
+        if opt.get("probe") and step == 0:
+            emit(rank, "probe", **probe_process())
         after = bridge.stats
         kind = "sent" if after.sent > before.sent else "skipped" if after.skipped > before.skipped else "dropped"
         emit(rank, kind, step=step, ok=bridge.analytics_ok)

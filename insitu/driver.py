@@ -1,0 +1,300 @@
+"""The run driver: the one Ray driver of a run's simulation side, outside the ranks.
+
+No simulation process (Python, C or Fortran rank) imports Ray. Registering a run
+(creating its head actor, resolving every rank's node, creating the node actors)
+needs a Ray driver, so one separate process per run and host does it:
+
+* under SLURM the batch script starts it (``python -m insitu.driver --run RUN
+  --create-head``) on the batch host before ``srun``-ing the simulation;
+* for plain ``mpiexec`` runs, rank 0 of the :class:`~insitu.bridge.Bridge` (the only
+  rank that ever talks to it) spawns it on its own host when no driver of the run
+  listens there (:func:`connect_driver`). It runs in its own session with its output
+  in a log file, so it outlives the ``mpiexec``/``srun`` step of the simulation.
+
+Rank 0 reaches it through an abstract-namespace Unix socket named after the run
+(:func:`driver_address`) with the frame codec of :mod:`insitu.transport`. The driver
+exits once the run's head actor is gone (the run was reclaimed), after a failed
+registration, or when nobody connected within its idle deadline: it is reclaimed with
+the run and owns nothing (the head actor is detached).
+
+Examples
+--------
+>>> driver_address("demo", "insitu")
+'\\x00insitu-driver-insitu-demo'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from insitu.config import Config
+from insitu.errors import ContractError, InsituError
+from insitu.messages import AbortRun, DriverHello, DriverRefused, RegisterRun, RunRegistered, SimInfo
+from insitu.transport import RankChannel
+
+__all__ = ["connect_driver", "driver_address", "main", "serve"]
+
+log = logging.getLogger(__name__)
+
+_SCRUB = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPIR_", "SLURM_STEP_", "SLURM_PROCID", "SLURM_LOCALID")
+_HEAD_CHECK = 2.0  # seconds between two checks that the run's head is still alive
+
+
+def driver_address(run: str, namespace: str) -> str:
+    """The abstract Unix socket name of the driver of ``run`` (unique per host and run)."""
+    name = f"insitu-driver-{namespace}-{run}"
+    if len(name) > 100:  # sun_path holds 108 bytes
+        name = "insitu-driver-" + hashlib.sha256(name.encode()).hexdigest()[:40]
+    return "\0" + name
+
+
+def _spawn(run: str, config: Config, idle: float) -> tuple[subprocess.Popen[bytes], Path]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB)}
+    fd, name = tempfile.mkstemp(prefix=f"insitu-driver-{run[:40]}-", suffix=".log")
+    logfile = Path(name)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "insitu.driver", "--run", run, "--namespace", config.namespace,
+             "--idle", str(idle), "--log", str(logfile)],
+            stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    return proc, logfile
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def connect_driver(run: str, config: Config) -> tuple[RankChannel, DriverHello]:
+    """Connect to the driver of ``run`` on this host, spawning it if none listens.
+
+    Called by rank 0 of a bridge only. Raises :class:`ContractError` naming the
+    driver's log when it cannot be started within the start-up deadline.
+    """
+    address = driver_address(run, config.namespace)
+    setup = max(config.deadline, config.startup_deadline)
+    end = time.monotonic() + setup
+    proc: subprocess.Popen[bytes] | None = None
+    logfile: Path | None = None
+    while True:
+        try:
+            channel = RankChannel(address, min(10.0, setup))
+            break
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+        if proc is None:
+            proc, logfile = _spawn(run, config, setup)
+        elif proc.poll() is not None and proc.returncode != 0:
+            assert logfile is not None
+            raise ContractError(
+                f"the run driver of run {run!r} exited with status {proc.returncode} before listening: "
+                f"{_tail(logfile)} (log {logfile})"
+            )
+        if time.monotonic() > end:
+            raise ContractError(
+                f"the run driver of run {run!r} did not listen within {setup:.0f} s"
+                + (f" (log {logfile}: {_tail(logfile)})" if logfile else "")
+            )
+        time.sleep(0.02)
+    got = channel.wait_for(lambda ms: bool(ms), end)
+    if not got or not isinstance(got[0], DriverHello):
+        channel.close()
+        raise ContractError(f"the run driver of run {run!r} did not greet within {setup:.0f} s")
+    return channel, got[0]
+
+
+# -- the driver process ---------------------------------------------------------------------
+class _Driver:
+    """State of one driver process (see the module docstring)."""
+
+    def __init__(self, run: str, namespace: str) -> None:
+        self.run = run
+        self.namespace = namespace
+        self.config: Config | None = None
+        self.head: Any = None
+        self.failed = False
+        self.registered = False
+
+    def connect(self, config: Config) -> None:
+        from insitu.comm import connect_ray
+
+        if self.config is None:
+            connect_ray(config)
+            self.config = config
+        elif config.address != self.config.address:
+            raise ContractError(
+                f"the run driver of run {self.run!r} is connected to Ray at {self.config.address}, "
+                f"the simulation asks for {config.address}: use one address, or another run name"
+            )
+
+    def ensure_head(self) -> Any:
+        from insitu.actors.head import get_or_create_head
+
+        assert self.config is not None
+        if self.head is None:
+            self.head = get_or_create_head(self.run, self.config)
+        return self.head
+
+    def register(self, msg: RegisterRun) -> RunRegistered | DriverRefused:
+        import ray
+
+        from insitu.comm import resolve_nodes
+
+        try:
+            try:
+                self.connect(msg.config)
+            except (ConnectionError, TimeoutError) as exc:
+                self.failed = True
+                return DriverRefused(f"cannot reach Ray at {msg.config.address}: {exc}")
+            assert self.config is not None
+            head = self.ensure_head()
+            setup = max(self.config.deadline, self.config.startup_deadline)
+            end = time.monotonic() + setup
+            while True:  # raylets may still be joining when a launcher starts the ranks
+                rank_nodes, problems = resolve_nodes(msg.node_settings)
+                if not problems or time.monotonic() > end or not any("no live" in p for p in problems):
+                    break
+                time.sleep(0.5)
+            if problems:
+                self.failed = True
+                self._abort("; ".join(problems), registered=False)
+                return DriverRefused("; ".join(problems))
+            info = SimInfo(msg.size, msg.layouts, tuple(rank_nodes), self.config.in_flight)
+            try:
+                addresses = ray.get(head.register_simulation.remote(info), timeout=setup)
+            except ray.exceptions.GetTimeoutError:
+                # it may still complete on the head: ours to abort
+                self.failed = True
+                self._abort(f"registration did not complete within {setup:.0f} s", registered=True)
+                return DriverRefused(f"registering run {self.run!r} did not complete within {setup:.0f} s")
+            self.registered = True
+            return RunRegistered(tuple(rank_nodes), addresses)
+        except InsituError as exc:
+            self.failed = True
+            return DriverRefused(str(exc))
+        except Exception as exc:  # Ray's own errors, reported to rank 0 and from there to every rank
+            self.failed = True
+            cause = getattr(exc, "cause", None) or exc
+            return DriverRefused(f"registering run {self.run!r} failed: {type(cause).__name__}: {cause}")
+
+    def _abort(self, reason: str, registered: bool) -> None:
+        import ray
+
+        if self.head is None:
+            return
+        try:
+            ray.get(self.head.abort.remote(reason, registered), timeout=10)
+        except Exception as exc:  # best effort: the head's own watchdog reclaims it anyway
+            log.warning("could not abort run %s on its head actor: %s", self.run, exc)
+
+    def head_alive(self) -> bool:
+        import ray
+
+        try:
+            ray.get(self.head.ping.remote(), timeout=10)
+        except ray.exceptions.GetTimeoutError:
+            return True  # busy, not gone
+        except Exception:
+            return False
+        return True
+
+    def serve_client(self, channel: RankChannel, deadline: float) -> None:
+        """Answer one client's messages until it disconnects."""
+        channel.send(DriverHello(os.getpid()))
+        while not channel.closed:
+            for msg in channel.poll(1.0):
+                if isinstance(msg, RegisterRun):
+                    channel.send(self.register(msg))
+                elif isinstance(msg, AbortRun):
+                    self.failed = True
+                    self._abort(msg.reason, msg.registered)
+                    channel.send(DriverHello(os.getpid()))  # acknowledgement
+
+
+def serve(run: str, namespace: str, idle: float, config: Config | None = None) -> int:
+    """Run the driver of ``run`` until the run's head is gone; return an exit status.
+
+    With ``config`` (the launcher's case) it connects to Ray and creates the head at once;
+    otherwise it waits for rank 0's registration, at most ``idle`` seconds.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(driver_address(run, namespace))
+    except OSError:
+        log.info("another driver of run %s listens on this host; exiting", run)
+        return 0
+    sock.listen(16)
+    sock.settimeout(1.0)
+    driver = _Driver(run, namespace)
+    if config is not None:
+        driver.connect(config)
+        driver.ensure_head()
+    last = time.monotonic()
+    checked = 0.0
+    try:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                conn = None
+            if conn is not None:
+                driver.serve_client(RankChannel.from_socket(conn), idle)
+                last = time.monotonic()
+                if driver.failed or (config is None and not driver.registered):
+                    return 0  # a spawned driver serves one registration; the run's watchdogs do the rest
+                continue
+            now = time.monotonic()
+            if driver.head is None:
+                if now - last > idle:
+                    log.info("nobody registered run %s within %.0f s; exiting", run, idle)
+                    return 0
+            elif now - checked > _HEAD_CHECK:
+                checked = now
+                if not driver.head_alive():
+                    log.info("the head of run %s is gone; exiting", run)
+                    return 0
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m insitu.driver --run RUN [--create-head]`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m insitu.driver", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run name")
+    parser.add_argument("--namespace", default=None, help="Ray namespace (default INSITU_NAMESPACE)")
+    parser.add_argument("--idle", type=float, default=None, help="seconds to wait for a registration")
+    parser.add_argument("--create-head", action="store_true", help="connect to Ray (INSITU_ADDRESS) now")
+    parser.add_argument("--log", default=None, help="log file to remove after a clean exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s insitu.driver %(message)s")
+    try:
+        cfg = Config.from_env()
+        namespace = args.namespace or cfg.namespace
+        idle = args.idle if args.idle is not None else max(cfg.deadline, cfg.startup_deadline)
+        status = serve(args.run, namespace, idle, cfg if args.create_head else None)
+    except InsituError as exc:
+        print(f"insitu.driver: {exc}", file=sys.stderr)
+        return 2
+    if status == 0 and args.log:
+        Path(args.log).unlink(missing_ok=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

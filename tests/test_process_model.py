@@ -1,0 +1,75 @@
+"""The process model: no Ray in any rank; the run driver outlives the simulation's step and goes with the run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import finish_sim, run_name, start_sim, wait_gone
+
+pytestmark = pytest.mark.cluster
+
+
+def driver_pids(run: str) -> list[int]:
+    """PIDs of the run drivers of ``run`` on this host (by their command line)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"insitu.driver" in cmd and run.encode() in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_no_rank_imports_ray_and_the_driver_outlives_the_step(cluster: Any) -> None:
+    import insitu
+
+    run = run_name("noray")
+    steps = 4
+    proc = start_sim(cluster, 4, {"run": run, "steps": steps, "probe": True, "config": {"in_flight": steps}})
+    result = finish_sim(proc)  # no analytics yet: the simulation goes first and exits
+    assert result.returncode == 0, result.stderr[-3000:]
+    probes = result.one("probe")
+    assert sorted(probes) == [0, 1, 2, 3]
+    for rank, p in probes.items():
+        assert p["ray_imported"] == [], f"rank {rank} imported {p['ray_imported']}"
+        assert p["raylet_mapped"] is False, f"rank {rank} maps Ray's _raylet"
+    assert all(e["last_sent"] == steps - 1 for e in result.one("done").values())
+    # the driver rank 0 spawned outlives the mpiexec step, in its own session
+    pids = driver_pids(run)
+    assert len(pids) == 1, pids
+    sim_pids = {p["pid"] for p in probes.values()}
+    assert pids[0] not in sim_pids
+    # the analytics attaches afterwards and reads every step the ranks left behind
+    analytics = insitu.Analytics(run=run, deadline=60)
+    means: dict[int, float] = {}
+
+    @analytics.on_step("u")
+    def mean(step: int, u: list) -> None:
+        means[step] = float(u[0].mean().compute())
+
+    summary = analytics.run()
+    assert summary.steps == steps
+    assert sorted(means) == list(range(steps))
+    assert wait_gone(run)
+    end = time.monotonic() + 30
+    while driver_pids(run) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert driver_pids(run) == [], "the run driver must exit once its run is reclaimed"
+
+
+def test_a_failed_setup_leaves_no_driver(cluster: Any) -> None:
+    run = run_name("nodriver")
+    proc = start_sim(cluster, 2, {"run": run, "layout": "overlap"}, env={"INSITU_DEADLINE": "5"})
+    result = finish_sim(proc)
+    assert set(result.one("init-error")) == {0, 1}
+    end = time.monotonic() + 20
+    while driver_pids(run) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert driver_pids(run) == []
