@@ -1,4 +1,9 @@
-"""``insitu demo | config | debug-info``."""
+"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, build-shim, debug-info.
+
+A user error (an :mod:`insitu.errors` exception, a missing file, a bad option, a cluster that
+cannot be reached) prints one line to stderr and exits non-zero; ``--debug`` shows its
+traceback. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,22 @@ import argparse
 import dataclasses
 import os
 import secrets
-import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from insitu.config import Config
+from insitu.errors import ConfigError, InsituError
+from insitu.resources import data_path, executable
 
-__all__ = ["main", "mpiexec_mpmd", "repo_root"]
+__all__ = ["USER_ERRORS", "main", "mpiexec_mpmd"]
 
-
-def repo_root() -> Path:
-    """The checkout holding ``sim_adapters/`` and ``analytics/`` (insitu is installed editable)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "sim_adapters" / "python" / "heat2d.py").is_file():
-        raise FileNotFoundError(
-            f"the examples are not next to the package ({root}); run 'pip install -e .' from a clone of insitu"
-        )
-    return root
+#: Exceptions reported as one line (the user can fix them); anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (InsituError, FileNotFoundError, PermissionError, NotADirectoryError,
+                                                IsADirectoryError, ConnectionError)  # fmt: skip
 
 
 def mpiexec_mpmd(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
@@ -37,9 +39,10 @@ def mpiexec_mpmd(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
     >>> mpiexec_mpmd(3, ["127.0.0.2", "127.0.0.3"], ["python", "sim.py"])[1:6]
     ['-n', '2', '-env', 'INSITU_NODE', '127.0.0.2']
     """
-    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        raise FileNotFoundError("mpiexec not found: pip install 'insitu[mpich]' or load your site MPI")
+    try:
+        exe = executable("mpiexec", "INSITU_MPIEXEC")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}: pip install 'insitu[mpich]' or load your site MPI") from None
     cmd = [exe]
     per, extra = divmod(ranks, len(node_ips))
     for i, ip in enumerate(node_ips):
@@ -55,7 +58,7 @@ def mpiexec_mpmd(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
 def _demo(args: argparse.Namespace) -> int:
     from insitu.cluster.local import LocalCluster
 
-    root = repo_root()
+    heat_stats, heat2d = data_path("analytics", "heat_stats.py"), data_path("examples", "python", "heat2d.py")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = f"demo-{secrets.token_hex(3)}"
@@ -71,10 +74,10 @@ def _demo(args: argparse.Namespace) -> int:
         env["INSITU_DEADLINE"] = str(args.deadline)
         env["INSITU_RECLAIM_DEADLINE"] = "30"
         py = sys.executable
-        ana = [py, str(root / "analytics" / "heat_stats.py"), "--out", str(out), "--threshold", str(args.threshold),
+        ana = [py, str(heat_stats), "--out", str(out), "--threshold", str(args.threshold),
                "--png-every", str(args.png_every), "--total-steps", str(args.steps),
                "--print-every", str(args.print_every)]  # fmt: skip
-        sim = [py, str(root / "sim_adapters" / "python" / "heat2d.py"), "--nx", str(args.nx), "--ny", str(args.ny),
+        sim = [py, str(heat2d), "--nx", str(args.nx), "--ny", str(args.ny),
                "--steps", str(args.steps)]  # fmt: skip
         try:
             procs.append(subprocess.Popen(ana, env=env))
@@ -113,8 +116,6 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from insitu.slurm import JobSpec, render_job, submit
 
     spec = JobSpec(nodes=args.nodes, ranks_per_node=args.ranks_per_node, simulation=args.simulation,
@@ -140,9 +141,25 @@ def _steer(args: argparse.Namespace) -> int:
     except json.JSONDecodeError:
         value = raw
     cfg = Config.from_env()
-    steer(args.address or cfg.address, args.run, key, value, namespace=cfg.namespace)
+    address = args.address or cfg.address
+    if not address:
+        raise ConfigError("no Ray address: pass --address host:port or set INSITU_ADDRESS (the job log prints it)")
+    _check_reachable(address)
+    steer(address, args.run, key, value, namespace=cfg.namespace)
     print(f"run {args.run}: {key} = {value!r}")
     return 0
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError, naming ``address``, if nothing accepts connections there."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"the Ray address must be host:port; got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+                              "is the job running, and is the address right?") from None  # fmt: skip
 
 
 def _build_shim(args: argparse.Namespace) -> int:
@@ -152,11 +169,26 @@ def _build_shim(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``insitu`` command."""
-    p = argparse.ArgumentParser(prog="insitu", description="in-situ analytics for MPI simulations")
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The ``insitu`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")  # fmt: skip
+    p = _Parser(prog="insitu", description="in-situ analytics for MPI simulations")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="heat2d on 4 MPI ranks with in-situ statistics on a private local Ray cluster")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=text)
+
+    d = command("demo", "heat2d on 4 MPI ranks with in-situ statistics on a private local Ray cluster")
     d.add_argument("--ranks", type=int, default=4)
     d.add_argument("--nodes", type=int, default=2, help="raylets of the private cluster")
     d.add_argument("--nx", type=int, default=128)
@@ -168,17 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--deadline", type=float, default=120.0)
     d.add_argument("--out", default="insitu-demo-output")
     d.set_defaults(fn=_demo)
-    c = sub.add_parser("config", help="print the effective configuration (INSITU_* variables), or build flags")
+    c = command("config", "print the effective configuration (INSITU_* variables), or build flags")
     flags = c.add_mutually_exclusive_group()
-    for flag, text in (("cflags", "compiler flags for insitu.h"), ("libs", "linker flags for libinsitu"),
-                       ("libdir", "directory of libinsitu.so (for LD_LIBRARY_PATH)"),
+    built = " (builds libinsitu first if needed)"
+    for flag, text in (("cflags", "compiler flags for insitu.h" + built),
+                       ("libs", "linker flags for libinsitu" + built),
+                       ("libdir", "directory of libinsitu.so (for LD_LIBRARY_PATH)" + built),
+                       ("prefix", "the build directory" + built),
                        ("fortran", "path of the Fortran module source insitu.f90"),
-                       ("prefix", "the build directory")):  # fmt: skip
-        flags.add_argument(f"--{flag}", dest="what", action="store_const", const=flag,
-                           help=f"{text} (builds libinsitu first if needed)")  # fmt: skip
-    c.add_argument("--shim-dir", dest="prefix", default=None, help="build directory (default INSITU_SHIM_DIR)")
+                       ("data", "directory of the shipped examples, analytics, scripts and sources")):  # fmt: skip
+        flags.add_argument(f"--{flag}", dest="what", action="store_const", const=flag, help=text)
+    c.add_argument("--shim-dir", dest="prefix", default=None,
+                   help="build directory (default INSITU_SHIM_DIR, else the per-user cache)")  # fmt: skip
     c.set_defaults(fn=_config, what=None)
-    la = sub.add_parser("launch", help="write a SLURM batch script for a coupled run and submit it")
+    la = command("launch", "write a SLURM batch script for a coupled run and submit it")
     la.add_argument("--nodes", type=int, required=True)
     la.add_argument("--ranks-per-node", type=int, required=True)
     la.add_argument("--simulation", required=True, help="simulation command line (run by srun on every rank)")
@@ -196,20 +231,43 @@ def main(argv: list[str] | None = None) -> int:
     la.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
     la.add_argument("sbatch_args", nargs="*", help="extra sbatch options (after --)")
     la.set_defaults(fn=_launch)
-    st = sub.add_parser("steer", help="set a steering value of a running run (e.g. stop=true)")
+    st = command("steer", "set a steering value of a running run (e.g. stop=true)")
     st.add_argument("--run", required=True)
     st.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
     st.add_argument("assignment", help="key=value; the value is JSON if it parses, else a string")
     st.set_defaults(fn=_steer)
-    b = sub.add_parser("build-shim", help="build libinsitu.so, the C/Fortran shim, for this Python")
-    b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR or sim_adapters/c/build)")
+    b = command("build-shim", "build libinsitu.so, the C/Fortran shim, for this Python")
+    b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR, else "
+                   "$XDG_CACHE_HOME/insitu/shim/<version-python-mpi>, ~/.cache when XDG_CACHE_HOME is unset)")
     b.add_argument("--mpi-library", default=None, help="the simulation's libmpich.so.12 (default: Debian's)")
     b.add_argument("--force", action="store_true")
     b.set_defaults(fn=_build_shim)
-    i = sub.add_parser("debug-info", help="versions of everything, for bug reports")
+    i = command("debug-info", "versions of everything, for bug reports")
     i.set_defaults(fn=lambda _: (__import__("insitu").print_debug_info(), 0)[1])
-    args = p.parse_args(argv)
-    return int(args.fn(args))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``insitu`` command and of ``python -m insitu``.
+
+    Parameters
+    ----------
+    argv
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: 0 on success, 1 after a user error, 2 for a bad option.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"insitu {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers the SLURM launch scripts call (``insitu slurm ...``) and ``insitu launch`` / ``insitu steer``.
 
-Each helper is a small, testable function; the shell scripts in ``launch/`` only glue them.
+Each helper is a small, testable function; the shell scripts shipped in ``insitu/data/launch``
+only glue them.
 
 Examples
 --------
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from insitu.errors import ConfigError, StepTimeoutError
+from insitu.resources import data_path, executable
 
 __all__ = [
     "JobSpec",
@@ -189,11 +191,8 @@ class JobSpec:
 
 
 def template_path() -> Path:
-    """``launch/insitu.sbatch`` of the checkout."""
-    path = Path(__file__).resolve().parent.parent / "launch" / "insitu.sbatch"
-    if not path.is_file():
-        raise ConfigError(f"the batch template is not next to the package (looked for {path})")
-    return path
+    """``insitu.sbatch``, the batch template shipped in the package (beside ``insitu_node.sh``)."""
+    return data_path("launch", "insitu.sbatch")
 
 
 def render_job(spec: JobSpec) -> str:
@@ -220,10 +219,21 @@ def render_job(spec: JobSpec) -> str:
         f"export INSITU_IN_FLIGHT={spec.in_flight}",
         f"export INSITU_SRUN_MPI={spec.mpi}",
         f"export INSITU_LAUNCH_DIR={shlex.quote(str(template_path().parent))}",
+        # this environment's interpreter and ray, not whatever PATH holds on the nodes
+        f"export INSITU_PYTHON=${{INSITU_PYTHON:-{shlex.quote(executable('python', None))}}}",
+        f"export INSITU_RAY=${{INSITU_RAY:-{shlex.quote(_ray())}}}",
     ]
     lines = body.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# ---- settings end"))
     return "\n".join(header + lines[start:]) + "\n"
+
+
+def _ray() -> str:
+    """The ``ray`` command next to this interpreter (``INSITU_RAY`` overrides; ``ray`` if there is none)."""
+    try:
+        return executable("ray", "INSITU_RAY")
+    except FileNotFoundError:
+        return "ray"
 
 
 def submit(spec: JobSpec, script: Path, extra: Sequence[str] = ()) -> str:

@@ -22,8 +22,15 @@ from typing import Any
 
 import pytest
 
+from insitu.resources import data_path
+
 ROOT = Path(__file__).resolve().parent.parent
 SIM = ROOT / "tests" / "sims" / "sim.py"
+# the files shipped in the package (insitu/data), as an installed insitu sees them
+DATA = data_path()
+HEAT2D_PY = DATA / "examples" / "python" / "heat2d.py"
+HEAT_STATS = DATA / "analytics" / "heat_stats.py"
+LAUNCH = DATA / "launch"
 _BASE = Path(tempfile.mkdtemp(prefix="insitu-test-"))
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_BASE / "auth_token")
@@ -51,6 +58,13 @@ class SimResult:
     def one(self, event: str) -> dict[int, dict[str, Any]]:
         got = self.by_rank(event)
         return {r: v[-1] for r, v in got.items()}
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """``tests/mpi`` runs under ``mpiexec ... --with-mpi`` (``tests/test_mpi_inprocess.py`` does it), not here."""
+    if collection_path == ROOT / "tests" / "mpi" and not config.getoption("--with-mpi", default=False):
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -86,16 +100,40 @@ def run_check(script: str, timeout: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_coupled(sim_cmd: list[str], ana_cmd: list[str], env: dict[str, str], sim_env: dict[str, str] | None = None,
+                timeout: float = 180) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run an analytics next to a simulation (as users do); both must exit 0. The simulation's result.
+
+    ``env`` is the analytics' environment and, unless ``sim_env`` is given, the simulation's.
+    """
+    ana = subprocess.Popen(ana_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        sim = subprocess.run(sim_cmd, env=sim_env or env, capture_output=True, text=True, timeout=timeout,
+                             check=False)  # fmt: skip
+        assert sim.returncode == 0, sim.stdout[-2000:] + sim.stderr[-3000:]
+        _, err = ana.communicate(timeout=timeout)
+        assert ana.returncode == 0, err[-3000:]
+    finally:
+        if ana.poll() is None:
+            ana.kill()
+            ana.wait()
+    return sim
+
+
 def run_name(tag: str) -> str:
     """A fresh run name per test."""
     return f"t-{tag}-{secrets.token_hex(3)}"
 
 
-def mpi_command(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
-    """mpiexec with contiguous blocks of ranks per raylet (INSITU_NODE set per block)."""
+def mpi_command(ranks: int, node_ips: list[str], argv: list[str], mpiexec: str | None = None) -> list[str]:
+    """mpiexec with contiguous blocks of ranks per raylet (INSITU_NODE set per block).
+
+    ``mpiexec`` replaces this environment's launcher (a compiled code's MPI launches it).
+    """
     from insitu.cli import mpiexec_mpmd
 
-    return mpiexec_mpmd(ranks, node_ips, argv)
+    cmd = mpiexec_mpmd(ranks, node_ips, argv)
+    return [mpiexec, *cmd[1:]] if mpiexec else cmd
 
 
 def start_sim(cluster: Any, ranks: int, options: dict[str, Any], env: dict[str, str] | None = None,

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from insitu.capi import CStatus
-from tests.conftest import ROOT, run_name
+from tests.conftest import DATA, ROOT, run_name
 
 MPICC = shutil.which("mpicc.mpich")
 MPIF90 = shutil.which("mpif90.mpich")
 MPIEXEC = shutil.which("mpiexec.mpich")
-C_DIR = ROOT / "sim_adapters" / "c"
+C_DIR = DATA / "c"
 TESTS = ROOT / "tests" / "capi"
 NX, NY, STEPS = 30, 27, 12  # uneven over a 2x2 grid
 
@@ -60,10 +60,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "stub": base / "heat2d_stub",
         "mpiver": base / "mpi_version",
     }
-    _run([MPICC, "-O2", "-Wall", "-Werror", str(C_DIR / "examples/heat2d.c"), *cflags, *libs, "-lm", "-o",
+    _run([MPICC, "-O2", "-Wall", "-Werror", str(DATA / "examples/c/heat2d.c"), *cflags, *libs, "-lm", "-o",
           str(exe["c"])])  # fmt: skip
     _run([MPIF90, "-O2", "-c", fortran, "-o", str(base / "insitu.o")], cwd=base)
-    _run([MPIF90, "-O2", str(ROOT / "sim_adapters/fortran/heat2d.f90"), str(base / "insitu.o"), *libs, "-o",
+    _run([MPIF90, "-O2", str(DATA / "examples/fortran/heat2d.f90"), str(base / "insitu.o"), *libs, "-o",
           str(exe["f"])], cwd=base)  # fmt: skip
     _run([MPICC, "-Wall", str(TESTS / "bad_calls.c"), *cflags, *libs, "-o", str(exe["bad"])])
     py_inc, py_lib, py_ver = (sysconfig.get_paths()["include"], sysconfig.get_config_var("LIBDIR"),
@@ -75,7 +75,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     stub_inc.mkdir()
     for h in ("insitu.h", "insitu_stub.h"):
         shutil.copy(C_DIR / "include" / h, stub_inc / h)
-    _run([MPICC, "-DINSITU_STUB", "-Wall", "-Werror", f"-I{stub_inc}", str(C_DIR / "examples/heat2d.c"), "-lm",
+    _run([MPICC, "-DINSITU_STUB", "-Wall", "-Werror", f"-I{stub_inc}", str(DATA / "examples/c/heat2d.c"), "-lm",
           "-o", str(exe["stub"])])  # fmt: skip
     return {"exe": exe, "libdir": libdir, "base": base}
 
@@ -97,7 +97,7 @@ def _stats(cluster: Any, built: dict[str, Any], argv: list[str], tmp: Path, clea
     run = run_name("capi")
     settings = {**cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60", "INSITU_RECLAIM_DEADLINE": "20"}
     out = tmp / run
-    ana = subprocess.Popen([sys.executable, str(ROOT / "analytics/heat_stats.py"), "--out", str(out),
+    ana = subprocess.Popen([sys.executable, str(DATA / "analytics/heat_stats.py"), "--out", str(out),
                             "--print-every", "1000", "--npy-every", "5"], env={**os.environ, **settings},
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -122,7 +122,7 @@ def test_heat2d_in_c_fortran_and_python_gives_the_same_statistics(cluster: Any, 
                                                                    tmp_path: Path) -> None:  # fmt: skip
     c = _stats(cluster, built, [str(built["exe"]["c"])], tmp_path, clean=True)
     f = _stats(cluster, built, [str(built["exe"]["f"])], tmp_path, clean=True)
-    py = _stats(cluster, built, [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py")], tmp_path, clean=False)
+    py = _stats(cluster, built, [sys.executable, str(DATA / "examples/python/heat2d.py")], tmp_path, clean=False)
     assert sorted(c) == sorted(f) == sorted(py) == list(range(STEPS))
     for step in range(STEPS):
         for key in ("min", "mean", "max", "dmean_dt", "dmax_dt"):

@@ -24,7 +24,7 @@ from insitu.dispatch import (
     snapshot_from_ray,
 )
 from insitu.errors import ConfigError
-from tests.conftest import ROOT, run_check
+from tests.conftest import LAUNCH, run_check
 
 H, L1, L2, R1, R2 = "head", "lan1", "lan2", "rem1", "rem2"
 ROLES = {H: NodeRole.HEAD, L1: NodeRole.LAN, L2: NodeRole.LAN, R1: NodeRole.REMOTE, R2: NodeRole.REMOTE}
@@ -222,7 +222,7 @@ def test_tunnel_script_verifies_host_keys_and_forwards_on_the_advertised_address
     known.write_text("head.example.org " + " ".join(key.with_suffix(".pub").read_text().split()[:2]) + "\n")
     env = {**os.environ, "INSITU_TUNNEL_KNOWN_HOSTS": str(known), "HEAD_IP": "10.0.0.1", "REMOTE_IP": "10.250.0.7",
            "HEAD_WMIN": "20100", "HEAD_WMAX": "20104", "NODE_WMIN": "20200", "NODE_WMAX": "20209"}  # fmt: skip
-    script = str(ROOT / "launch/tunnel.sh")
+    script = str(LAUNCH / "tunnel.sh")
 
     def run(target: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", script, target], env={**env, **extra}, capture_output=True, text=True,

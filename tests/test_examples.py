@@ -1,11 +1,11 @@
-"""The shipped examples run as users run them: heat2d + heat_stats, and `insitu demo`."""
+"""The shipped examples run as users run them: heat2d + heat_stats (``insitu demo`` runs in test_wheel.py,
+from an installed wheel)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, mpi_command, run_name
+from tests.conftest import HEAT2D_PY, HEAT_STATS, mpi_command, run_coupled, run_name
 
 pytestmark = pytest.mark.cluster
 
@@ -22,17 +22,10 @@ def test_heat2d_with_heat_stats_matches_numpy_and_stops_by_steering(cluster: Any
     run = run_name("heat")
     env = {**os.environ, **cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60"}
     out, dump = tmp_path / "out", tmp_path / "dump"
-    ana = subprocess.Popen(
-        [sys.executable, str(ROOT / "analytics/heat_stats.py"), "--out", str(out), "--threshold", "20",
-         "--png-every", "5", "--print-every", "100"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    heat2d = [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"), "--nx", "40", "--ny", "36"]
-    sim_cmd = mpi_command(4, cluster.node_ips, [*heat2d, "--steps", "200", "--dump", str(dump)])
-    sim = subprocess.run(sim_cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
-    _, ana_err = ana.communicate(timeout=120)
-    assert sim.returncode == 0, sim.stderr[-2000:]
-    assert ana.returncode == 0, ana_err[-2000:]
+    ana = [sys.executable, str(HEAT_STATS), "--out", str(out), "--threshold", "20", "--png-every", "5",
+           "--print-every", "100"]  # fmt: skip
+    heat2d = [sys.executable, str(HEAT2D_PY), "--nx", "40", "--ny", "36"]
+    sim = run_coupled(mpi_command(4, cluster.node_ips, [*heat2d, "--steps", "200", "--dump", str(dump)]), ana, env)
     result = json.loads((out / "stats.json").read_text())
     stats = {int(k): v for k, v in result["stats"].items()}
     for step, s in stats.items():
@@ -51,17 +44,3 @@ def test_heat2d_with_heat_stats_matches_numpy_and_stops_by_steering(cluster: Any
     assert stats[stop_sent]["max"] < 20 <= stats[stop_sent - 1]["max"]
     assert sorted(p.name for p in out.glob("*.png"))[:2] == ["temperature_00000.png", "temperature_00005.png"]
 
-
-def test_insitu_demo_command(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INSITU_")}
-    proc = subprocess.run(
-        ["insitu", "demo", "--steps", "60", "--nx", "48", "--ny", "48", "--png-every", "20", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "insitu demo: done" in proc.stdout
-    assert "step" in proc.stdout
-    assert "mean" in proc.stdout
-    assert len(list(tmp_path.glob("*.png"))) >= 1
-    stats = json.loads((tmp_path / "stats.json").read_text())["stats"]
-    assert len(stats) >= 10

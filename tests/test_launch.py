@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import HEAT2D_PY, HEAT_STATS, LAUNCH, ROOT
 
-SLURM_LOCAL = ROOT / "launch" / "slurm_local.sh"
+SLURM_LOCAL = LAUNCH / "slurm_local.sh"
+PY = sys.executable  # the jobs' Python: this environment's, whatever PATH holds
 pytestmark = pytest.mark.skipif(
     not (shutil.which("slurmctld") and shutil.which("munged") and shutil.which("sbatch")),
     reason="SLURM is not installed (apt-get install -y slurm-wlm munge)",
@@ -85,15 +86,15 @@ def _assert_clean(slurm: dict[str, str], job: int) -> None:
 
 
 def _heat(dump: Path, steps: int = 30) -> str:
-    return f"python3 sim_adapters/python/heat2d.py --nx 48 --ny 40 --steps {steps} --dump {dump}"
+    return f"{PY} {HEAT2D_PY} --nx 48 --ny 40 --steps {steps} --dump {dump}"
 
 
 def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: dict[str, str],
                                                                           tmp_path: Path) -> None:  # fmt: skip
     dump, out, placement = tmp_path / "dump", tmp_path / "out", tmp_path / "placement.json"
     nodes_file = tmp_path / "nodes.json"
-    job, job_dir = _submit(slurm, tmp_path, _heat(dump), f"python3 tests/sims/record_nodes.py {nodes_file} "
-                           f"python3 analytics/heat_stats.py --out {out} --placement {placement}",
+    job, job_dir = _submit(slurm, tmp_path, _heat(dump), f"{PY} {ROOT}/tests/sims/record_nodes.py {nodes_file} "
+                           f"{PY} {HEAT_STATS} --out {out} --placement {placement}",
                            env_extra={"INSITU_SLICE_HOSTS": "2"})  # fmt: skip
     code = _wait(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
@@ -133,7 +134,7 @@ def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Pat
         d = tmp_path / name
         d.mkdir()
         # unbound: 2 jobs x 3 emulated nodes' Ray on core 0 of one host starve (cores binding: first test)
-        jobs.append((_submit(slurm, d, _heat(d / "dump", 20), f"python3 analytics/heat_stats.py --out {d / 'out'}",
+        jobs.append((_submit(slurm, d, _heat(d / "dump", 20), f"{PY} {HEAT_STATS} --out {d / 'out'}",
                              env_extra={"INSITU_BIND_CPUS": "0"}), d))  # fmt: skip
     time.sleep(3)
     running = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], env=slurm, capture_output=True, text=True,
@@ -147,8 +148,8 @@ def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Pat
 
 
 def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], tmp_path: Path) -> None:
-    job, job_dir = _submit(slurm, tmp_path, "python3 tests/sims/crash.py",
-                           f"python3 analytics/heat_stats.py --out {tmp_path / 'out'}")  # fmt: skip
+    job, job_dir = _submit(slurm, tmp_path, f"{PY} {ROOT}/tests/sims/crash.py",
+                           f"{PY} {HEAT_STATS} --out {tmp_path / 'out'}")  # fmt: skip
     code = _wait(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code != 0, log
@@ -159,8 +160,8 @@ def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], t
 
 def test_time_limit_stops_the_simulation_through_the_signal(slurm: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    job, job_dir = _submit(slurm, tmp_path, "python3 sim_adapters/python/heat2d.py --nx 32 --ny 32 --steps 1000000",
-                           f"python3 analytics/heat_stats.py --out {out}", "--time=1",
+    job, job_dir = _submit(slurm, tmp_path, f"{PY} {HEAT2D_PY} --nx 32 --ny 32 --steps 1000000",
+                           f"{PY} {HEAT_STATS} --out {out}", "--time=1",
                            "--signal=B:USR1@50", nodes=2)  # fmt: skip
     code = _wait(slurm, job, timeout=240, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
@@ -179,7 +180,7 @@ def test_generated_script_passes_shellcheck(tmp_path: Path) -> None:
                              "--simulation", "./sim --steps 10", "--analytics", "python3 ana.py", "--dry-run"],
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
     (tmp_path / "job.sbatch").write_text(script)
-    for path in (tmp_path / "job.sbatch", ROOT / "launch/insitu.sbatch", *sorted((ROOT / "launch").glob("*.sh"))):
+    for path in (tmp_path / "job.sbatch", LAUNCH / "insitu.sbatch", *sorted(LAUNCH.glob("*.sh"))):
         proc = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stdout
 
@@ -232,7 +233,7 @@ def test_srun_without_the_mpi_plugin_is_refused(slurm: dict[str, str]) -> None:
 
 
 def _fake_ray(slurm: dict[str, str], tmp_path: Path, fail_first: int) -> dict[str, str]:
-    """A `ray` on PATH that fails `fail_first` times before the node is up, then starts; the env to run it."""
+    """A fake `ray` (INSITU_RAY) that fails `fail_first` times before the node is up, then starts; the env to run it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     ray = bin_dir / "ray"
@@ -246,7 +247,7 @@ def _fake_ray(slurm: dict[str, str], tmp_path: Path, fail_first: int) -> dict[st
     ray.chmod(0o755)
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    return {**slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURMD_NODENAME": "node1",
+    return {**slurm, "INSITU_RAY": str(ray), "SLURMD_NODENAME": "node1",
             "SLURM_JOB_NODELIST": "node[1-3]", "INSITU_EMULATED_NODES": "1", "INSITU_RAY_BASE": "35000",
             "INSITU_STORE_BYTES": str(80 << 20), "INSITU_RAY_TMP": str(tmp_path / "raytmp"),
             "INSITU_JOB_DIR": str(job_dir), "INSITU_RAY_START_TRIES": "3"}  # fmt: skip
@@ -254,7 +255,7 @@ def _fake_ray(slurm: dict[str, str], tmp_path: Path, fail_first: int) -> dict[st
 
 def test_ray_start_that_fails_before_the_node_is_up_is_retried(slurm: dict[str, str], tmp_path: Path) -> None:
     env = _fake_ray(slurm, tmp_path, fail_first=2)
-    proc = subprocess.run([str(ROOT / "launch" / "insitu_node.sh"), "ray"], env=env, capture_output=True,
+    proc = subprocess.run([str(LAUNCH / "insitu_node.sh"), "ray"], env=env, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "calls").read_text().strip() == "3"
@@ -270,7 +271,7 @@ def test_ray_start_gives_up_after_its_tries_and_the_wait_ends_at_once(slurm: dic
     from insitu.slurm import wait_for_nodes
 
     env = _fake_ray(slurm, tmp_path, fail_first=10)
-    proc = subprocess.run([str(ROOT / "launch" / "insitu_node.sh"), "ray"], env=env, capture_output=True,
+    proc = subprocess.run([str(LAUNCH / "insitu_node.sh"), "ray"], env=env, capture_output=True,
                           text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 1
     assert (tmp_path / "calls").read_text().strip() == "3"

@@ -1,4 +1,4 @@
-"""analytics/train_surrogate.py: online torch training on a slice of two hosts, next to heat2d.
+"""The shipped analytics/train_surrogate.py: online torch training on a slice of two hosts, next to heat2d.
 
 Every torch test is in this module; it is skipped, with the reason, when torch is absent.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, mpi_command, run_name
+from tests.conftest import DATA, HEAT2D_PY, mpi_command, run_name
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install torch); the training example needs it")
 
@@ -36,10 +36,10 @@ def _train(cluster: Any, tmp: Path, extra: list[str]) -> tuple[dict[str, Any], s
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
     env.update(cluster.environment(), INSITU_RUN=run, INSITU_DEADLINE="120")
     out = tmp / "surrogate.json"
-    ana = subprocess.Popen([sys.executable, str(ROOT / "analytics/train_surrogate.py"), "--out", str(out),
+    ana = subprocess.Popen([sys.executable, str(DATA / "analytics" / "train_surrogate.py"), "--out", str(out),
                             "--hosts", "2", "--seed", "0", "--iters", "10", *extra], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    heat = [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"), "--nx", "32", "--ny", "32", "--steps", "32"]
+    heat = [sys.executable, str(HEAT2D_PY), "--nx", "32", "--ny", "32", "--steps", "32"]
     try:
         sim = subprocess.run(mpi_command(4, cluster.node_ips, heat), env=env, capture_output=True, text=True,
                              timeout=240, check=False)  # fmt: skip

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from insitu.errors import StepTimeoutError
+from insitu.resources import executable
 
 __all__ = ["LocalCluster", "auth_environment", "free_port_block", "kill_session"]
 
@@ -189,9 +189,7 @@ class LocalCluster:
             env.update(auth_environment(self.token_path))
         else:
             env["RAY_AUTH_MODE"] = "disabled"
-        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-        if ray_bin is None:
-            raise FileNotFoundError("the 'ray' command is not installed next to this Python")
+        ray_bin = executable("ray", "INSITU_RAY")
         self._ray_bin, self._env = ray_bin, env
         self._first = self._pick_ports()
         self.address = f"{self.ips.get(0, '127.0.0.2')}:{self._first}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from insitu.resources import data_path, executable
 
 PENDING_WAIT = 12.0  # the issue asks for "pending past 10 s"
 # The remote raylet also gets its own PID namespace, as on a machine of its own: a Ray driver
@@ -181,12 +180,12 @@ def heat_across_the_filter(cluster_env: dict[str, str], inside: list[str], ns: s
     out, dump, placement = base / "out", base / "dump", base / "placement.json"
     netns = ["ip", "netns", "exec", ns]
     progress("heat2d (LAN + remote) with heat_stats on the remote node")
-    ana = subprocess.Popen([*inside, sys.executable, str(ROOT / "analytics/heat_stats.py"), "--out", str(out),
+    ana = subprocess.Popen([*inside, sys.executable, str(data_path("analytics", "heat_stats.py")), "--out", str(out),
                             "--print-every", "1000", "--placement", str(placement)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
+    mpiexec = executable("mpiexec", "INSITU_MPIEXEC")
     steps = int(os.environ.get("PREMISE_STEPS", "12"))  # a longer run by hand: docs/dispatch.md
-    heat = [sys.executable, str(ROOT / "sim_adapters/python/heat2d.py"), "--nx", "24", "--ny", "20", "--steps",
+    heat = [sys.executable, str(data_path("examples", "python", "heat2d.py")), "--nx", "24", "--ny", "20", "--steps",
             str(steps)]  # fmt: skip
     sim_cmd = [mpiexec, "-n", "1", "-env", "INSITU_NODE", lan_ip, *heat, "--dump", str(dump), ":",
                "-n", "1", "-env", "INSITU_NODE", remote_ip, *netns, *heat, "--dump", str(dump)]  # fmt: skip

@@ -1,6 +1,6 @@
 """Record the Ray cluster's node resources to a file, then exec the rest of the command line.
 
-Used by the launch tests as an analytics prefix: ``record_nodes.py FILE python3 analytics/heat_stats.py ...``.
+Used by the launch tests as an analytics prefix: ``record_nodes.py FILE python .../analytics/heat_stats.py ...``.
 """
 
 from __future__ import annotations

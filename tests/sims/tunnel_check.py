@@ -25,7 +25,7 @@ from pathlib import Path
 from harness import progress
 from premise_check import OWN_PIDS, sh
 
-ROOT = Path(__file__).resolve().parents[2]
+from insitu.resources import data_path
 
 
 @contextlib.contextmanager
@@ -116,7 +116,7 @@ def main() -> int:
                    "NODE_WMAX": str(node["max_worker"])}  # fmt: skip
             progress("tunnel_check", "opening the tunnel")
             tunnel = subprocess.Popen(
-                ["ip", "netns", "exec", a["ns"], "bash", str(ROOT / "launch/tunnel.sh"), f"root@{a['sshd_ip']}"],
+                ["ip", "netns", "exec", a["ns"], "bash", str(data_path("launch", "tunnel.sh")), f"root@{a['sshd_ip']}"],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=open(base / "tunnel.log", "w"),

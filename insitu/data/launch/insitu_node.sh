@@ -9,6 +9,8 @@
 # This node's IP: $INSITU_NODE_IP if set; else the address of $INSITU_IFACE; else, when
 # INSITU_EMULATED_NODES=1 (several emulated nodes on one host), 127.0.0.(20 + node index);
 # else the first address of `hostname -I`.
+# Commands: $INSITU_PYTHON and $INSITU_RAY (insitu launch sets both to its own environment's), else
+# python3 and ray on PATH.
 set -euo pipefail
 
 node_index() {
@@ -124,7 +126,7 @@ ray)
         launcher=(taskset -c "0-$((${INSITU_RAY_CPUS:-1} - 1))")
     fi
     if [[ $(node_index) == 0 ]]; then
-        start_ray "$ip" "$b" "${launcher[@]}" ray start --head --port="$b" --ray-client-server-port=$((b + 3)) \
+        start_ray "$ip" "$b" "${launcher[@]}" "${INSITU_RAY:-ray}" start --head --port="$b" --ray-client-server-port=$((b + 3)) \
             --include-dashboard=false "${args[@]}"
         exit
     fi
@@ -137,7 +139,7 @@ ray)
         fi
         sleep 0.25
     done
-    start_ray "$ip" "$b" "${launcher[@]}" ray start --address="$head" "${args[@]}"
+    start_ray "$ip" "$b" "${launcher[@]}" "${INSITU_RAY:-ray}" start --address="$head" "${args[@]}"
     ;;
 rank)
     INSITU_NODE=$(node_ip)

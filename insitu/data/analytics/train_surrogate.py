@@ -14,8 +14,9 @@ over 2 input channels: enough to learn the 5-point stencil). Every analytics ste
 Run next to heat2d (the cluster's nodes must carry the slice resource, e.g. ``insitu_slice_a``
 on two raylets)::
 
-    mpiexec -n 4 python sim_adapters/python/heat2d.py --nx 32 --ny 32 --steps 40 &
-    python analytics/train_surrogate.py --hosts 2 --out surrogate.json
+    DATA=$(insitu config --data)
+    mpiexec -n 4 python "$DATA/examples/python/heat2d.py" --nx 32 --ny 32 --steps 40 &
+    python "$DATA/analytics/train_surrogate.py" --hosts 2 --out surrogate.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-! heat2d.f90 -- the heat2d simulation of sim_adapters/python/heat2d.py in Fortran, coupled to insitu.
+! heat2d.f90 -- the heat2d simulation of examples/python/heat2d.py in Fortran, coupled to insitu.
 !
 ! Same grid, initial condition, stencil and decomposition; the field u(i, j) keeps its
 ! Fortran index order and reaches Dask with the same axis order as the C and Python

@@ -7,7 +7,7 @@ insitu and reads the ``stop`` steering value.
 
 Run::
 
-    mpiexec -n 4 python sim_adapters/python/heat2d.py --run demo --nx 256 --ny 256 --steps 200
+    mpiexec -n 4 python "$(insitu config --data)/examples/python/heat2d.py" --run demo --nx 256 --ny 256 --steps 200
 
 (with ``INSITU_ADDRESS`` and, on a token-protected cluster, ``INSITU_AUTH_TOKEN_PATH`` set).
 """

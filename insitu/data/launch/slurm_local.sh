@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real SLURM (slurmctld + one slurmd per emulated node + munged) on this one host, for tests and demos.
 #
-#   launch/slurm_local.sh start [NODES]    # default 3 nodes: node1..nodeN, all on 127.0.0.1
-#   eval "$(launch/slurm_local.sh env)"    # exports SLURM_CONF for sbatch/srun/squeue
-#   launch/slurm_local.sh stop             # stops exactly the daemons it started (by pid file)
+#   insitu/data/launch/slurm_local.sh start [NODES]    # default 3 nodes: node1..nodeN, all on 127.0.0.1
+#   eval "$(insitu/data/launch/slurm_local.sh env)"    # exports SLURM_CONF for sbatch/srun/squeue
+#   insitu/data/launch/slurm_local.sh stop             # stops exactly the daemons it started (by pid file)
 #
 # Needs: apt-get install -y slurm-wlm munge. No systemd, no cgroups. Overridable:
 # INSITU_SLURM_BASE (state dir), INSITU_SLURM_PORT (slurmctld port; slurmd ports follow).

@@ -3,7 +3,7 @@
 # join the Ray cluster as a "remote" node. Run it ON THE REMOTE NODE; it stays in the foreground.
 #
 #   INSITU_TUNNEL_KNOWN_HOSTS=~/.ssh/known_hosts_cluster HEAD_IP=10.0.0.1 REMOTE_IP=10.250.0.7 \
-#       launch/tunnel.sh user@head.example.org
+#       "$(insitu config --data)/launch/tunnel.sh" user@head.example.org
 #
 # Host keys: the head's key must already be in INSITU_TUNNEL_KNOWN_HOSTS (verified out of band, e.g.
 # `ssh-keyscan head | ssh-keygen -lf -` compared with the fingerprint your admins publish). The script

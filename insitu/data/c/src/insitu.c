@@ -1,6 +1,6 @@
 /*
  * libinsitu: the C-callable shim of insitu. Embeds CPython and forwards every call to
- * insitu.capi (which never raises). See sim_adapters/c/include/insitu.h for the API and
+ * insitu.capi (which never raises). See ../include/insitu.h for the API and
  * docs/coupling-c-fortran.md for why CPython embedding (and not cffi).
  *
  * Built by `insitu build-shim` with -DINSITU_PYTHON_DEFAULT="<interpreter>" recorded at

@@ -4,7 +4,7 @@ cooled, and a PNG of the field every K steps.
 
 Run next to a simulation (``insitu demo`` does this for you)::
 
-    python analytics/heat_stats.py --run demo --out results/ --threshold 5 --png-every 25
+    python "$(insitu config --data)/analytics/heat_stats.py" --run demo --out results/ --threshold 5 --png-every 25
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 /*
- * heat2d.c -- the heat2d simulation of sim_adapters/python/heat2d.py in C, coupled to insitu.
+ * heat2d.c -- the heat2d simulation of examples/python/heat2d.py in C, coupled to insitu.
  *
  * Same grid, initial condition, stencil and decomposition as the Python version, so the
  * same analytics (analytics/heat_stats.py) sees the same field. The insitu calls are the

@@ -1,4 +1,4 @@
-! insitu.f90 -- Fortran 2008 bindings of libinsitu (see sim_adapters/c/include/insitu.h).
+! insitu.f90 -- Fortran 2008 bindings of libinsitu (see c/include/insitu.h).
 !
 ! Compile this file with the same compiler and MPI as the simulation:
 !     mpif90 -c $(insitu config --fortran)            ! gives insitu.mod and insitu.o
