@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import traceback
@@ -24,7 +25,7 @@ from insitu.errors import (
     SteeringValueError,
     StepTimeoutError,
 )
-from insitu.messages import EndReason, RunEnd, RunInfo, StepData, Waiting
+from insitu.messages import Attached, EndReason, RunEnd, RunInfo, StepData, Waiting
 
 __all__ = ["Analytics", "BlockRef", "RunSummary"]
 
@@ -109,6 +110,8 @@ class Analytics:
         self._on_close: list[Callable[[RunSummary], None]] = []
         self._head: Any = None
         self._link: Any = None
+        self._consumer = 0
+        self._history: tuple[StepData, ...] = ()
         self._owns_ray = False
         self._where: dict[str, str] = {}
         self._step: int | None = None
@@ -135,6 +138,14 @@ class Analytics:
             return fn
 
         return register
+
+    def windows(self) -> dict[str, int]:
+        """The arrays the callbacks read, each with its largest window (what the head retains for us)."""
+        out: dict[str, int] = {}
+        for cb in self._callbacks:
+            for name in cb.arrays:
+                out[name] = max(out.get(name, 0), cb.window)
+        return out
 
     def on_close(self, fn: Callable[[RunSummary], None]) -> Callable[[RunSummary], None]:
         """Register ``fn(summary)`` to run once the simulation closed, while Ray is still connected.
@@ -221,9 +232,14 @@ class Analytics:
         try:
             self._head = get_or_create_head(self.run_name, self.config)
             self._link = _link_class().remote()
-            ray.get(self._head.attach.remote(self._link), timeout=self.config.deadline)
+            attached: Attached = ray.get(
+                self._head.attach.remote(self._link, self.windows(), "analytics"), timeout=self.config.deadline
+            )
+            self._consumer = attached.consumer
             self.info = self._wait_info()
             self._check_arrays(self.info)
+            for data in attached.history:  # attached to a live run: windows refilled from retained steps
+                self._process(data, history=True)
             return self._loop()
         finally:
             self._leave()
@@ -254,7 +270,7 @@ class Analytics:
         last: int | None = None
         progress = time.monotonic()
         while True:
-            batch = ray.get(self._head.next_steps.remote(_POLL), timeout=_POLL + self.config.deadline)
+            batch = ray.get(self._head.next_steps.remote(self._consumer, _POLL), timeout=_POLL + self.config.deadline)
             if isinstance(batch, Waiting):
                 if time.monotonic() - progress > self.config.deadline:
                     raise StepTimeoutError(f"no step for {self.config.deadline:.0f} s: {batch.description}")
@@ -278,7 +294,8 @@ class Analytics:
                 steps += 1
                 last = item.step
 
-    def _process(self, data: StepData) -> None:
+    def _process(self, data: StepData, history: bool = False) -> None:
+        """Run the callbacks of one step; with ``history`` only fill the windows."""
         assert self.info is not None
         from insitu.graph import NodeScheduler, make_array
 
@@ -287,7 +304,9 @@ class Analytics:
             by_array.setdefault(c.array, []).append(c)
             self._where[c.ref.hex()] = c.node
         arrays = {
-            lay.name: make_array(lay, data.step, by_array.get(lay.name, []), self.run_name) for lay in self.info.layouts
+            lay.name: make_array(lay, data.step, by_array[lay.name], self.run_name)
+            for lay in self.info.layouts
+            if lay.name in by_array
         }
         self._step = data.step
         if self.config.scheduler == Scheduler.INSITU:
@@ -297,8 +316,10 @@ class Analytics:
 
             scheduler = ray_dask_get
         for cb in self._callbacks:
+            if not all(n in arrays for n in cb.arrays):
+                continue
             cb.history.append((data.step, {n: arrays[n] for n in cb.arrays}))
-            if len(cb.history) < cb.window:
+            if history or len(cb.history) < cb.window:
                 continue
             kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
             self._in_callback = True
@@ -310,13 +331,18 @@ class Analytics:
                     f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
                     f"{', '.join(cb.arrays)}: {type(exc).__name__}: {exc}"
                 )
-                self._head.fail.remote(message + "\n" + traceback.format_exc(limit=5))
+                self._head.fail.remote(self._consumer, message + "\n" + traceback.format_exc(limit=5))
                 raise CallbackError(message, step=data.step, arrays=cb.arrays) from exc
             finally:
                 self._in_callback = False
-        self._head.done.remote(data.step, tuple(self._sets))
+        if history:
+            return
+        self._head.done.remote(self._consumer, data.step, tuple(self._sets))
         self._sets.clear()
         self._prune()
+        # Dask's and Ray's futures can keep a step's refs in reference cycles: collect them now,
+        # so a chunk is released when the last window over its array passes it (retention rule)
+        gc.collect(1)
 
     def _executor(self, node: str) -> Any:
         """The compute actor of ``node`` (owned by this process, created on first use)."""
@@ -345,7 +371,7 @@ class Analytics:
         self._where.clear()
         if self._head is not None:
             try:
-                ray.get(self._head.detach.remote(), timeout=10)
+                ray.get(self._head.detach.remote(self._consumer), timeout=10)
             except Exception:  # the head may already be gone; nothing left to detach from
                 log.debug("head of run %s gone before detach", self.run_name)
         if self._link is not None:

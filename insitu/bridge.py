@@ -300,7 +300,7 @@ class Bridge:
             elif tag == Wire.STATUS:
                 st: Status = m[1]
                 self._completed_seen = max(self._completed_seen, st.completed)
-                self._state_seen = max(self._state_seen, st.analytics)
+                self._state_seen = st.analytics  # statuses arrive in push order
                 if st.failure:
                     self._failure_seen = st.failure
                 for u in st.updates:
@@ -428,6 +428,10 @@ class Bridge:
             self._on_failure()
             self._dropped += 1
             return
+        if self._failure_message:  # a consumer attached again (e.g. an analytics restarted after a crash)
+            self._failure_message = ""
+            self._failure_seen = ""
+            self._analytics_ok = True
         completed = int(-agreed[_COMPLETED])
         while self._in_flight and self._in_flight[0] <= completed:
             self._in_flight.popleft()
@@ -504,7 +508,8 @@ class Bridge:
 
     @property
     def analytics_ok(self) -> bool:
-        """False once the analytics failed or left (the same on every rank after a send)."""
+        """False while the run has no consumer after its analytics failed or left; true again once
+        a consumer attaches (the same on every rank after a send)."""
         return self._analytics_ok
 
     @property

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from insitu.config import Config
+from insitu.config import Config, FailurePolicy
 from insitu.errors import ContractError, InsituError
 from insitu.messages import AbortRun, DriverHello, DriverRefused, RegisterRun, RunRegistered, SimInfo
 from insitu.transport import RankChannel
@@ -58,20 +58,32 @@ def driver_address(run: str, namespace: str) -> str:
     return "\0" + name
 
 
-def _spawn(run: str, config: Config, idle: float) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(run: str, config: Config, idle: float) -> tuple[int, Path]:
+    """Start the driver through a short-lived intermediate (``--detach``), which starts it in
+    a new session and exits at once: the rank keeps no child process, so nothing of the
+    driver (no zombie, no ``Popen`` still running) is tied to the rank's lifetime."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB)}
     fd, name = tempfile.mkstemp(prefix=f"insitu-driver-{run[:40]}-", suffix=".log")
     logfile = Path(name)
+    args = ["--run", run, "--namespace", config.namespace, "--idle", str(idle), "--log", str(logfile)]
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "insitu.driver", "--run", run, "--namespace", config.namespace,
-             "--idle", str(idle), "--log", str(logfile)],
-            stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, close_fds=True,
-        )  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "insitu.driver", "--detach", *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=fd, env=env, timeout=60, check=False)  # fmt: skip
     finally:
         os.close(fd)
-    return proc, logfile
+    if done.returncode != 0 or not done.stdout.strip().isdigit():
+        raise ContractError(f"could not start the run driver of run {run!r}: {_tail(logfile)} (log {logfile})")
+    return int(done.stdout), logfile
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -90,7 +102,7 @@ def connect_driver(run: str, config: Config) -> tuple[RankChannel, DriverHello]:
     address = driver_address(run, config.namespace)
     setup = max(config.deadline, config.startup_deadline)
     end = time.monotonic() + setup
-    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
     logfile: Path | None = None
     while True:
         try:
@@ -98,14 +110,18 @@ def connect_driver(run: str, config: Config) -> tuple[RankChannel, DriverHello]:
             break
         except (ConnectionRefusedError, FileNotFoundError):
             pass
-        if proc is None:
-            proc, logfile = _spawn(run, config, setup)
-        elif proc.poll() is not None and proc.returncode != 0:
-            assert logfile is not None
-            raise ContractError(
-                f"the run driver of run {run!r} exited with status {proc.returncode} before listening: "
-                f"{_tail(logfile)} (log {logfile})"
-            )
+        if pid is None:
+            pid, logfile = _spawn(run, config, setup)
+        elif not _alive(pid):
+            # it may have lost a race against another driver of the run that now listens
+            try:
+                channel = RankChannel(address, min(10.0, setup))
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                raise ContractError(
+                    f"the run driver of run {run!r} (pid {pid}) exited before listening: {_tail(logfile)} "
+                    f"(log {logfile})"
+                ) from None
         if time.monotonic() > end:
             raise ContractError(
                 f"the run driver of run {run!r} did not listen within {setup:.0f} s"
@@ -175,7 +191,8 @@ class _Driver:
                 self.failed = True
                 self._abort("; ".join(problems), registered=False)
                 return DriverRefused("; ".join(problems))
-            info = SimInfo(msg.size, msg.layouts, tuple(rank_nodes), self.config.in_flight)
+            raising = msg.config.on_analytics_failure == FailurePolicy.RAISE
+            info = SimInfo(msg.size, msg.layouts, tuple(rank_nodes), msg.config.in_flight, raising)
             try:
                 addresses = ray.get(head.register_simulation.remote(info), timeout=setup)
             except ray.exceptions.GetTimeoutError:
@@ -281,7 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=None, help="seconds to wait for a registration")
     parser.add_argument("--create-head", action="store_true", help="connect to Ray (INSITU_ADDRESS) now")
     parser.add_argument("--log", default=None, help="log file to remove after a clean exit")
+    parser.add_argument("--detach", action="store_true", help="start the driver in a new session, print its pid")
     args = parser.parse_args(argv)
+    if args.detach:
+        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--detach"]
+        log_fd = os.open(args.log, os.O_WRONLY | os.O_APPEND) if args.log else subprocess.DEVNULL
+        child = subprocess.Popen([sys.executable, "-m", "insitu.driver", *rest], stdin=subprocess.DEVNULL,
+                                 stdout=log_fd, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        print(child.pid, flush=True)
+        os._exit(0)  # leave the driver running; no Popen finalizer of ours waits for it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s insitu.driver %(message)s")
     try:
         cfg = Config.from_env()

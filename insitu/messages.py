@@ -25,6 +25,7 @@ from insitu.layout import ArrayLayout
 __all__ = [
     "AbortRun",
     "AnalyticsState",
+    "Attached",
     "ChunkRef",
     "DriverHello",
     "DriverRefused",
@@ -57,7 +58,8 @@ class Wire(enum.IntEnum):
 
 
 class AnalyticsState(enum.IntEnum):
-    """Where the analytics of a run stands (ordered: a larger value never goes back)."""
+    """What the ranks are told of a run's consumers: none yet, at least one attached, or all
+    gone (the last one left, or failed). A consumer attaching later makes it ``ATTACHED`` again."""
 
     PENDING = 0
     ATTACHED = 1
@@ -103,14 +105,17 @@ class SimInfo:
     layouts: tuple[ArrayLayout, ...]
     rank_nodes: tuple[str, ...]
     in_flight: int
+    raise_on_failure: bool = False
+    """The simulation's policy is ``raise``: any consumer's failure is reported to the ranks."""
 
 
 @dataclass(frozen=True, slots=True)
 class ChunkRef:
     """One block of one array at one step, held in the object store of ``node``.
 
-    The node actor stores all blocks of its node's step as one object (one ``ray.put``
-    per node and step): ``index`` is this block's position in that object's tuple.
+    The node actor stores the blocks of one array of its node's step as one object (one
+    ``ray.put`` per node, step and array): ``index`` is this block's position in that
+    object's tuple.
     """
 
     array: str
@@ -137,6 +142,15 @@ class StepData:
 
     step: int
     chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """Head -> consumer on attach: its incarnation number and the retained steps that refill
+    its windows (oldest first; empty for the run's first consumer, which gets every step)."""
+
+    consumer: int
+    history: tuple[StepData, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

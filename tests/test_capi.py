@@ -189,6 +189,10 @@ def test_bad_calls_return_the_documented_status(cluster: Any, built: dict[str, A
     assert "nelems" in got[("send_wrong_nelems", 0)][1]
     assert "declared: ['u']" in got[("send_unknown_name", 0)][1]
     assert "float32" in got[("send_wrong_dtype", 0)][1]
+    # no Ray in any rank of a C simulation: the embedded CPython is there, Ray's _raylet is not
+    for rank in (0, 1):
+        assert f"mapped libpython 1 {rank}" in proc.stdout
+        assert f"mapped _raylet 0 {rank}" in proc.stdout
     assert "found_unset 0 0" in proc.stdout
     assert "handle_after_finalize NULL 0" in proc.stdout
 

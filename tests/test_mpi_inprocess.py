@@ -26,9 +26,8 @@ def test_collective_tests_pass_on_every_rank(cluster: Any, ranks: int, expect_sk
     env = {**os.environ, **cluster.environment(), "INSITU_RUN": run_name("mpi"), "INSITU_DEADLINE": "60",
            "INSITU_RECLAIM_DEADLINE": "20"}  # fmt: skip
     # --noconftest: tests/conftest.py (the session's cluster and token) is this process's, not the ranks'.
-    # The run driver rank 0 spawns outlives it by design: its Popen's "still running" ResourceWarning is expected.
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--with-mpi", "--noconftest",
-            "-W", "ignore:subprocess:ResourceWarning", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
+            "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
             str(ROOT / "tests" / "mpi")]  # fmt: skip
     proc = subprocess.run(mpi_command(ranks, cluster.node_ips[:1], argv), env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=240, check=False)  # fmt: skip

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from insitu.actors.consumers import ConsumerBook, ConsumerState
 from insitu.actors.node import NodeActor
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE
 from insitu.errors import ContractError, StepTimeoutError
 from insitu.messages import (
-    AnalyticsState,
+    Attached,
     EndReason,
     NodeStep,
     RunEnd,
@@ -57,10 +59,7 @@ class HeadActor:
         self._sim: SimInfo | None = None
         self._nodes: dict[str, Any] = {}
         self._partial: dict[int, dict[str, NodeStep]] = {}
-        self._ready: deque[StepData] = deque()
-        self._completed = _NO_STEP
-        self._analytics = AnalyticsState.PENDING
-        self._failure = ""
+        self._book = ConsumerBook()
         self._updates: list[SteeringUpdate] = []
         self._pushed = 0
         self._seq = 0
@@ -72,8 +71,6 @@ class HeadActor:
         self._steps_assembled = 0
         self._created = time.monotonic()
         self._ended_at: float | None = None
-        self._last_poll = time.monotonic()
-        self._polling = False
         self._event: asyncio.Event | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._torn_down = False
@@ -92,7 +89,8 @@ class HeadActor:
 
     def _status(self, full: bool = False) -> Status:
         updates = tuple(self._updates if full else self._updates[self._pushed :])
-        return Status(self._completed, self._analytics, updates, self._failure, self._seq)
+        book = self._book
+        return Status(book.completed(), book.sim_state(), updates, book.last_failure, self._seq)
 
     def _push(self) -> None:
         self._seq += 1
@@ -109,12 +107,18 @@ class HeadActor:
             self._wake()
 
     # -- simulation side -----------------------------------------------------------
-    async def register_simulation(self, info: SimInfo) -> dict[str, str]:
-        """Create one node actor per node of the simulation; return their socket addresses."""
+    async def register_simulation(self, info: SimInfo, nodes: dict[str, Any] | None = None) -> dict[str, str]:
+        """Create one node actor per node of the simulation; return their socket addresses.
+
+        ``nodes`` (node id -> actor) adopts node processes started elsewhere instead, e.g. the
+        impersonated nodes of the scale model (``benchmarks/scale_model.py``); they must
+        answer ``start(status)``, ``update(status)`` and send ``node_step`` like a ``NodeActor``.
+        """
         self._ensure_watchdog()
         if self._sim is not None or self._torn_down:
             raise ContractError(f"run {self._run!r} already has a simulation attached; use a new run name per run")
         self._sim = info
+        self._book.raise_on_failure = info.raise_on_failure
         me = ray.get_runtime_context().current_actor
         by_node: dict[str, list[int]] = {}
         for rank, node in enumerate(info.rank_nodes):
@@ -122,9 +126,13 @@ class HeadActor:
         status = self._status(full=True)
         self._pushed = len(self._updates)
         for node, ranks in by_node.items():
-            self._nodes[node] = NodeActor.options(  # type: ignore[attr-defined]
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-            ).remote(self._run, node, me, tuple(ranks))
+            self._nodes[node] = (
+                nodes[node]
+                if nodes is not None
+                else NodeActor.options(  # type: ignore[attr-defined]
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                ).remote(self._run, node, me, tuple(ranks))
+            )
         try:
             addresses = await asyncio.wait_for(
                 asyncio.gather(*(a.start.remote(status) for a in self._nodes.values())),
@@ -147,14 +155,14 @@ class HeadActor:
 
     def _handle_step(self, msg: NodeStep) -> None:
         self._messages[msg.node] += 1
-        if self._end is not None or self._analytics >= AnalyticsState.DETACHED:
+        if self._end is not None or (self._book.consumers and not self._book.attached()):
             return  # dropped: nobody will read it
         have = self._partial.setdefault(msg.step, {})
         have[msg.node] = msg
         if len(have) == len(self._nodes):
             del self._partial[msg.step]
             chunks = tuple(c for n in sorted(have) for c in have[n].chunks)
-            self._ready.append(StepData(msg.step, chunks))
+            self._book.deliver(StepData(msg.step, chunks))
             self._steps_assembled += 1
             self._wake()
         if self._sent_by_node:
@@ -205,24 +213,36 @@ class HeadActor:
             self._finish(RunEnd(EndReason.ABORTED, f"the simulation's set-up failed: {reason}"))
             asyncio.get_running_loop().call_later(1.0, self._teardown)  # a waiting analytics reads the end first
 
-    # -- analytics side --------------------------------------------------------------
-    async def attach(self, link: Any) -> None:
-        """Attach the analytics; ``link`` is an actor owned by the analytics process."""
-        self._ensure_watchdog()
-        if self._analytics != AnalyticsState.PENDING:
-            raise ContractError(f"run {self._run!r} already had an analytics attached ({self._analytics.name})")
-        self._analytics = AnalyticsState.ATTACHED
-        self._last_poll = time.monotonic()
-        self._push()
-        asyncio.get_running_loop().create_task(self._watch_link(link))
+    # -- consumers (analytics, recorders, readers) ----------------------------------------
+    async def attach(self, link: Any, windows: dict[str, int], kind: str = "analytics") -> Attached:
+        """Attach a consumer reading ``windows`` (array -> largest window); ``link`` is an
+        actor owned by the consumer's process, whose death tells the head it died.
 
-    async def _watch_link(self, link: Any) -> None:
+        The run's first consumer gets every step so far; a later one starts at the next
+        complete step, its windows refilled from the retained steps (``Attached.history``).
+        """
+        self._ensure_watchdog()
+        if self._end is not None and self._end.reason != EndReason.CLOSED:
+            raise ContractError(f"run {self._run!r} already ended: {self._end.message or self._end.reason.value}")
+        c = self._book.attach(kind, windows, time.monotonic())
+        self._push()
+        asyncio.get_running_loop().create_task(self._watch_link(c.id, link))
+        return Attached(c.id, tuple(self._book.history(c)))
+
+    async def _watch_link(self, cid: int, link: Any) -> None:
         try:
             await link.park.remote()
-        except Exception:  # any failure of the park call means the analytics process is gone
+        except Exception:  # any failure of the park call means the consumer's process is gone
             pass
-        if self._analytics == AnalyticsState.ATTACHED:
-            self._fail_analytics("the analytics process died")
+        self._leave(cid, ConsumerState.FAILED, f"the {self._book.consumers[cid].kind} process (consumer {cid}) died")
+
+    def _leave(self, cid: int, state: ConsumerState, message: str = "") -> None:
+        if self._book.leave(cid, state, message) is None:
+            return
+        if not self._book.attached():
+            self._partial.clear()
+        self._push()
+        self._wake()
 
     async def run_info(self, timeout: float) -> RunInfo | RunEnd | Waiting:
         """The simulation's layouts, waiting up to ``timeout`` s for it to register."""
@@ -244,25 +264,28 @@ class HeadActor:
         except TimeoutError:
             pass
 
-    async def next_steps(self, timeout: float) -> list[StepData | RunEnd] | Waiting:
-        """Complete steps in order (handed over: the head keeps no reference), or the end."""
-        self._last_poll = time.monotonic()
-        self._polling = True
+    async def next_steps(self, consumer: int, timeout: float) -> list[StepData | RunEnd] | Waiting:
+        """Complete steps in order for ``consumer`` (handed over), or the end of the stream."""
+        c = self._book.consumers[consumer]
+        if c.state != ConsumerState.ATTACHED:
+            return [RunEnd(EndReason.ABORTED, f"consumer {consumer} is {c.state.name.lower()}: {c.failure}")]
+        c.last_poll = time.monotonic()
+        c.polling = True
         try:
             end = time.monotonic() + timeout
-            while not self._ready and self._end is None:
+            while not c.ready and self._end is None and c.state == ConsumerState.ATTACHED:
                 left = end - time.monotonic()
                 if left <= 0:
                     return Waiting(self._describe_wait(), self._missing())
                 await self._wait(left)
-            out: list[StepData | RunEnd] = list(self._ready)
-            self._ready.clear()
+            out: list[StepData | RunEnd] = list(c.ready)
+            c.ready.clear()
             if self._end is not None and not out:
                 out.append(self._end)
             return out
         finally:
-            self._polling = False
-            self._last_poll = time.monotonic()
+            c.polling = False
+            c.last_poll = time.monotonic()
 
     def _missing(self) -> dict[str, tuple[int, ...]]:
         if self._sim is None:
@@ -282,16 +305,15 @@ class HeadActor:
             return f"step {step} of run {self._run!r} is incomplete: waiting for {miss}"
         return f"run {self._run!r}: no step sent since the last one (simulation busy or stalled)"
 
-    async def done(self, step: int, sets: tuple[tuple[str, Any], ...] = ()) -> None:
-        """The analytics finished every callback of ``step``, which set ``sets``.
+    async def done(self, consumer: int, step: int, sets: tuple[tuple[str, Any], ...] = ()) -> None:
+        """``consumer`` finished every callback of ``step``, which set ``sets``.
 
         Steering values set during a step travel with its completion, so a rank that
         sees the step completed also sees them (one status push for both).
         """
         for key, value in sets:
             self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
-        self._completed = max(self._completed, step)
-        self._last_poll = time.monotonic()
+        self._book.done(consumer, step)
         self._push()
 
     async def set(self, key: str, value: Any, step: int) -> int:
@@ -300,33 +322,28 @@ class HeadActor:
         self._push()
         return len(self._updates)
 
-    async def fail(self, message: str) -> None:
-        """The analytics reports a failure (callback exception)."""
-        self._fail_analytics(message)
+    async def fail(self, consumer: int, message: str) -> None:
+        """``consumer`` reports a failure (callback exception)."""
+        self._leave(consumer, ConsumerState.FAILED, message)
 
-    def _fail_analytics(self, message: str) -> None:
-        self._analytics = AnalyticsState.FAILED
-        self._failure = message
-        self._ready.clear()
-        self._partial.clear()
-        self._push()
-        self._wake()
-
-    async def detach(self) -> None:
-        """The analytics is done with this run."""
-        if self._analytics == AnalyticsState.ATTACHED:
-            self._analytics = AnalyticsState.DETACHED
-            self._failure = "the analytics detached"
-            self._ready.clear()
-            self._push()
+    async def detach(self, consumer: int) -> None:
+        """``consumer`` is done with this run."""
+        self._leave(consumer, ConsumerState.DETACHED, "the analytics detached")
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks."""
         return {
+            "pid": os.getpid(),
+            "pushes": self._seq,
             "messages": dict(self._messages),
             "nodes": list(self._nodes),
             "assembled": self._steps_assembled,
-            "analytics": self._analytics.name,
+            "analytics": self._book.sim_state().name,
+            "consumers": {
+                c.id: {"kind": c.kind, "state": c.state.name, "completed": c.completed, "failure": c.failure}
+                for c in self._book.consumers.values()
+            },
+            "retained": self._book.retained_steps(),
             "ended": None if self._end is None else self._end.reason.value,
         }
 
@@ -334,26 +351,30 @@ class HeadActor:
     async def _watch(self) -> None:
         while not self._torn_down:
             await asyncio.sleep(0.25)
-            now = time.monotonic()
-            grace = self._cfg.reclaim_deadline
-            gone = self._analytics >= AnalyticsState.DETACHED
-            if self._end is not None and self._ended_at is not None:
-                if gone:
-                    reason = "both sides are done"
-                elif self._analytics == AnalyticsState.PENDING and now - self._ended_at > grace:
-                    reason = f"no analytics attached within {grace:.0f} s of the simulation's end"
-                elif not self._polling and now - max(self._last_poll, self._ended_at) > grace:
-                    reason = f"the analytics did not poll for {grace:.0f} s after the simulation's end"
-                else:
-                    continue
-            elif self._sim is None and gone:
-                reason = "the analytics left before any simulation registered"
-            elif self._sim is None and self._analytics == AnalyticsState.PENDING and now - self._created > grace:
-                reason = f"nobody attached within {grace:.0f} s"
-            else:
-                continue
-            log.info("reclaiming run %s: %s", self._run, reason)
-            self._teardown()
+            reason = self._reclaim_reason(time.monotonic())
+            if reason:
+                log.info("reclaiming run %s: %s", self._run, reason)
+                self._teardown()
+
+    def _reclaim_reason(self, now: float) -> str:
+        grace = self._cfg.reclaim_deadline
+        book = self._book
+        attached = book.attached()
+        gone = bool(book.consumers) and not attached
+        if self._end is not None and self._ended_at is not None:
+            if gone:
+                return "both sides are done"
+            if not book.consumers and now - self._ended_at > grace:
+                return f"no analytics attached within {grace:.0f} s of the simulation's end"
+            idle = [c for c in attached if not c.polling and now - max(c.last_poll, self._ended_at) > grace]
+            if attached and len(idle) == len(attached):
+                return f"no consumer polled for {grace:.0f} s after the simulation's end"
+            return ""
+        if self._sim is None and gone:
+            return "the analytics left before any simulation registered"
+        if self._sim is None and not book.consumers and now - self._created > grace:
+            return f"nobody attached within {grace:.0f} s"
+        return ""
 
     def _teardown(self) -> None:
         if self._torn_down:
@@ -362,7 +383,7 @@ class HeadActor:
         for node in self._nodes.values():
             ray.kill(node, no_restart=True)
         self._nodes.clear()
-        self._ready.clear()
+        self._book.clear()
         self._partial.clear()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 

@@ -96,7 +96,6 @@ class NodeActor:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state: _RankState | None = None
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 (n,) = struct.unpack(_HEADER_FMT, await reader.readexactly(4))
@@ -106,13 +105,10 @@ class NodeActor:
                     _, step, slot = msg
                     have = self._pending.setdefault(step, {})
                     have[state.rank] = (state, slot)
-                    if len(have) == len(self._expected):  # the node's step is complete: one put for all
+                    if len(have) == len(self._expected):  # the node's step is complete
                         del self._pending[step]
-                        chunks = await loop.run_in_executor(self._executor, self._put, [have[r] for r in sorted(have)])
-                        for st, sl in have.values():
-                            st.writer.write(encode_frame((Wire.FREE, sl)))
-                        self._head.node_step.remote(NodeStep(self._node, step, chunks, self._messages))
-                        self._messages += 1
+                        await self._complete(step, have)
+                        del have  # this frame keeps no chunk alive (retention rule)
                 elif tag == Wire.HELLO:
                     state = self._hello(msg, writer)
                 elif tag == Wire.CLOSE and state is not None:
@@ -135,6 +131,19 @@ class NodeActor:
                 self._head.rank_failed.remote(self._node, state.rank)
         finally:
             writer.close()
+
+    async def _complete(self, step: int, have: dict[int, tuple[_RankState, int]]) -> None:
+        """Store the node's step (one put per array), free the slots, tell the head once.
+
+        A method of its own so that no local of a long-lived coroutine keeps the chunks'
+        refs: the node actor owns them, and must not hold them past the consumers' windows.
+        """
+        loop = asyncio.get_running_loop()
+        chunks = await loop.run_in_executor(self._executor, self._put, [have[r] for r in sorted(have)])
+        for st, sl in have.values():
+            st.writer.write(encode_frame((Wire.FREE, sl)))
+        self._head.node_step.remote(NodeStep(self._node, step, chunks, self._messages))
+        self._messages += 1
 
     def _hello(self, msg: tuple[Any, ...], writer: asyncio.StreamWriter) -> _RankState:
         _, rank, path, arrays, slots, stride = msg
@@ -163,19 +172,23 @@ class NodeActor:
         return state
 
     def _put(self, ranks: list[tuple[_RankState, int]]) -> tuple[ChunkRef, ...]:
-        """Copy every block of one step of this node into the object store as one object.
+        """Copy every block of one step of this node into the object store, one object per array.
 
-        One ``ray.put`` per node and step instead of one per block: ``put`` costs ~1 ms of
-        this actor's CPU regardless of size at small sizes (profiled), and the blocks of a
-        step are freed together anyway.
+        One ``ray.put`` per node, step and array instead of one per block: ``put`` costs ~1 ms
+        of this actor's CPU regardless of size at small sizes (profiled). One object per
+        *array* (not per step) so that each array's blocks live exactly as long as some
+        consumer's window over that array holds them (the retention rule, per array).
         """
-        views, meta = [], []
+        by_array: dict[str, tuple[list[np.ndarray], list[tuple[int, ...]]]] = {}
         for state, slot in ranks:
             base = slot * state.stride
             for name, block, shape, dtype, offset in state.arrays:
+                views, blocks = by_array.setdefault(name, ([], []))
                 views.append(np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset))
-                meta.append((name, block))
-        if not views:
-            return ()
-        ref = ray.put(tuple(views))
-        return tuple(ChunkRef(name, block, ref, self._node, i) for i, (name, block) in enumerate(meta))
+                blocks.append(block)
+        out: list[ChunkRef] = []
+        for name in sorted(by_array):
+            views, blocks = by_array[name]
+            ref = ray.put(tuple(views))
+            out += [ChunkRef(name, block, ref, self._node, i) for i, block in enumerate(blocks)]
+        return tuple(out)

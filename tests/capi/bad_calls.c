@@ -8,6 +8,17 @@
 
 static int rank;
 
+/* Whether a mapped file of this process has `needle` in its path (/proc/self/maps). */
+static int mapped(const char *needle) {
+    char line[4096];
+    int found = 0;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (maps == NULL) return -1;
+    while (!found && fgets(line, sizeof line, maps) != NULL) found = strstr(line, needle) != NULL;
+    fclose(maps);
+    return found;
+}
+
 static void report(const char *what, insitu_status_t s) {
     printf("%s %s %d | %s\n", what, insitu_status_name(s), rank, s == INSITU_OK ? "" : insitu_last_error());
     fflush(stdout);
@@ -62,6 +73,10 @@ int main(int argc, char **argv) {
     f = good; if (rank == size - 1) f.nelems = 7; /* one rank only */
     report("send_one_rank_wrong", insitu_send(b, 0, 1, &f));
     report("send_good", insitu_send(b, 0, 1, &good));
+    /* after init and a send, the process embeds CPython (libpython) but never loads Ray */
+    printf("mapped libpython %d %d\n", mapped("libpython"), rank);
+    printf("mapped _raylet %d %d\n", mapped("_raylet"), rank);
+    fflush(stdout);
     report("send_step_not_increasing", insitu_send(b, 0, 1, &good));
     report("get_null_key", insitu_get_int(b, NULL, &value, &found));
     report("get_null_value", insitu_get_string(b, "stop", NULL, 8, &found));

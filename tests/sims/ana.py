@@ -13,10 +13,11 @@ def main() -> int:
     opt = json.loads(sys.argv[1])
     analytics = insitu.Analytics(run=opt["run"])
 
-    @analytics.on_step("u")
+    @analytics.on_step("u", window=opt.get("window", 1))
     def step(s: int, u: list) -> None:
-        mean = float(u[0].mean().compute())
-        print(json.dumps({"step": s, "mean": mean}), flush=True)
+        mean = float(u[-1].mean().compute())
+        print(json.dumps({"step": s, "mean": mean, "window": [a.step for a in u]}), flush=True)
+        time.sleep(opt.get("sleep", 0))
         if opt.get("park_at") is not None and s >= opt["park_at"]:
             time.sleep(3600)
 

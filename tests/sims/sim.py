@@ -76,6 +76,9 @@ def main() -> int:
             extra_specs.append(insitu.ArraySpec("v", (4,), "i4", start=(0,), shape=(4,)))
         else:
             extra_specs.append(insitu.ArraySpec.no_block("v", (4,), "i4"))
+    if opt.get("second"):
+        # a second field on the same decomposition: w = -u, in float32
+        extra_specs.append(insitu.ArraySpec("w", gshape, "f4", start=spec.start, shape=spec.shape))
     start = spec.start
     try:
         bridge = insitu.Bridge([spec, *extra_specs], comm=cart, run=opt["run"], **opt.get("config", {}))
@@ -89,8 +92,10 @@ def main() -> int:
     for step in range(opt.get("steps", 5)):
         u = field(step, gshape, start, spec.shape, dtype)
         kwargs: dict[str, object] = {"u": u}
-        if extra_specs:
+        if opt.get("empty_array"):
             kwargs["v"] = np.full(4, step, dtype="i4") if rank == 0 else None
+        if opt.get("second"):
+            kwargs["w"] = (-u).astype("f4")
         send_step = step
         fault = faults.get(step)
         if fault and fault.get("rank") in (rank, "all"):

@@ -1,0 +1,198 @@
+"""The head's book of a run's consumers and of the steps it retains for them.
+
+Plain Python (no Ray), owned by :class:`insitu.actors.head.HeadActor` and unit-tested
+on its own. A consumer is an analytics, a recorder, a snapshot reader or an analytics
+restarted after a crash: each has its own queue of complete steps, its windows per
+array, an incarnation number and its share of back-pressure.
+
+Retention rule (per array ``A``): the head keeps the chunks of ``A`` only for the
+``W_A - 1`` steps before the oldest step an attached consumer has not finished, where
+``W_A`` is the largest window over ``A`` of the run's consumers (departed ones included,
+so that an analytics restarted after a crash finds its windows refilled); consumers keep
+their own windows and their queues. A block of ``A`` therefore lives at most
+``W_A + in-flight steps`` steps, and a consumer attaching to a live run gets its windows
+refilled from what is retained.
+
+Examples
+--------
+>>> from insitu.messages import ChunkRef, StepData
+>>> book = ConsumerBook()
+>>> first = book.attach("analytics", {"u": 2}, now=0.0)
+>>> for s in range(3):
+...     book.deliver(StepData(s, (ChunkRef("u", (0,), f"ref{s}", "n", 0),)))
+>>> [d.step for d in first.ready]
+[0, 1, 2]
+>>> for s in range(3):
+...     book.done(first.id, s)
+>>> late = book.attach("recorder", {"u": 2}, now=1.0)
+>>> [d.step for d in book.history(late)], late.completed
+([2], 2)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from insitu.messages import AnalyticsState, ChunkRef, StepData
+
+__all__ = ["Consumer", "ConsumerBook", "ConsumerState"]
+
+NO_STEP = -(2**62)
+
+
+class ConsumerState(enum.IntEnum):
+    """Where one consumer stands."""
+
+    ATTACHED = 1
+    DETACHED = 2
+    FAILED = 3
+
+
+@dataclass
+class Consumer:
+    """One attached (or former) consumer of a run."""
+
+    id: int
+    """Incarnation number: attach order within the run, from 1."""
+    kind: str
+    windows: dict[str, int]
+    """Arrays it reads, each with its largest window."""
+    last_poll: float
+    ready: deque[StepData] = field(default_factory=deque)
+    completed: int = NO_STEP
+    state: ConsumerState = ConsumerState.ATTACHED
+    failure: str = ""
+    polling: bool = False
+    steps_done: int = 0
+
+    def share(self, data: StepData) -> StepData:
+        """``data`` restricted to the arrays this consumer reads (it holds no other chunk)."""
+        return StepData(data.step, tuple(c for c in data.chunks if c.array in self.windows))
+
+
+class ConsumerBook:
+    """Consumers, their queues and the retained steps of one run (see the module docstring)."""
+
+    def __init__(self, raise_on_failure: bool = False) -> None:
+        self.consumers: dict[int, Consumer] = {}
+        self.raise_on_failure = raise_on_failure
+        self.last_step = NO_STEP
+        self.failures = 0
+        self.last_failure = ""
+        self._backlog: deque[StepData] = deque()
+        self._retained: dict[str, deque[tuple[int, tuple[ChunkRef, ...]]]] = {}
+        self._left = AnalyticsState.PENDING
+        self._failed_since_attach = False
+
+    # -- membership ----------------------------------------------------------------------
+    def attached(self) -> list[Consumer]:
+        """Consumers currently attached."""
+        return [c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED]
+
+    def attach(self, kind: str, windows: dict[str, int], now: float) -> Consumer:
+        """A new consumer: the first gets every step so far, a later one starts at the next step."""
+        first = not self.consumers
+        c = Consumer(len(self.consumers) + 1, kind, dict(windows), now)
+        if first:
+            c.ready.extend(c.share(d) for d in self._backlog)
+            self._backlog.clear()
+        else:
+            c.completed = self.last_step
+        self.consumers[c.id] = c
+        self._failed_since_attach = False
+        return c
+
+    def history(self, c: Consumer) -> list[StepData]:
+        """Retained steps that refill ``c``'s windows (oldest first; at most window - 1 per array)."""
+        by_step: dict[int, list[ChunkRef]] = {}
+        for array, window in c.windows.items():
+            if window <= 1:
+                continue
+            kept = [(s, ch) for s, ch in self._retained.get(array, ()) if s <= self.last_step]
+            for step, chunks in kept[-(window - 1) :]:
+                by_step.setdefault(step, []).extend(chunks)
+        return [StepData(s, tuple(by_step[s])) for s in sorted(by_step)]
+
+    def leave(self, cid: int, state: ConsumerState, failure: str = "") -> Consumer | None:
+        """``cid`` detached or failed: its queue is dropped, it no longer holds anything back."""
+        c = self.consumers.get(cid)
+        if c is None or c.state != ConsumerState.ATTACHED:
+            return None
+        c.state = state
+        c.failure = failure
+        c.ready.clear()
+        if state == ConsumerState.FAILED:
+            self.failures += 1
+            self.last_failure = failure
+            self._failed_since_attach = True
+            self._left = AnalyticsState.FAILED
+        elif self._left != AnalyticsState.FAILED or self.attached():
+            self._left = AnalyticsState.DETACHED
+        self._prune()
+        return c
+
+    # -- steps ---------------------------------------------------------------------------
+    def deliver(self, data: StepData) -> None:
+        """A complete step: queue it for every attached consumer and retain it."""
+        self.last_step = max(self.last_step, data.step)
+        if not self.consumers:
+            self._backlog.append(data)  # the run's first consumer gets every step
+            return
+        for c in self.attached():
+            c.ready.append(c.share(data))
+        for chunk in data.chunks:
+            if self._window(chunk.array) > 1:
+                q = self._retained.setdefault(chunk.array, deque())
+                if not q or q[-1][0] != data.step:
+                    q.append((data.step, ()))
+                q[-1] = (data.step, (*q[-1][1], chunk))
+        self._prune()
+
+    def done(self, cid: int, step: int) -> None:
+        """Consumer ``cid`` finished ``step``."""
+        c = self.consumers.get(cid)
+        if c is not None and c.state == ConsumerState.ATTACHED and step > c.completed:
+            c.completed = step
+            c.steps_done += 1
+            self._prune()
+
+    def completed(self) -> int:
+        """The step every attached consumer finished (back-pressure for the ranks)."""
+        att = self.attached()
+        if att:
+            return min(c.completed for c in att)
+        return self.last_step if self.consumers else NO_STEP
+
+    def sim_state(self) -> AnalyticsState:
+        """What the ranks are told: attached while any consumer is (unless policy ``raise`` saw a failure)."""
+        if self.raise_on_failure and self._failed_since_attach:
+            return AnalyticsState.FAILED
+        if self.attached():
+            return AnalyticsState.ATTACHED
+        return self._left
+
+    def retained_steps(self) -> dict[str, list[int]]:
+        """Steps the head retains, per array (for tests and ``stats``)."""
+        return {a: [s for s, _ in q] for a, q in self._retained.items()}
+
+    def clear(self) -> None:
+        """Drop every queue and retained step (the run ended badly or is reclaimed)."""
+        for c in self.consumers.values():
+            c.ready.clear()
+        self._backlog.clear()
+        self._retained.clear()
+
+    def _window(self, array: str) -> int:
+        """Largest window over ``array`` of any consumer the run had: a consumer that died keeps
+        its windows retained, so an analytics restarted after a crash finds them refilled."""
+        return max((c.windows.get(array, 0) for c in self.consumers.values()), default=0)
+
+    def _prune(self) -> None:
+        for array, q in self._retained.items():
+            readers = [c for c in self.attached() if array in c.windows]
+            oldest_open = min((c.completed for c in readers), default=self.last_step) + 1
+            keep_from = oldest_open - (self._window(array) - 1)
+            while q and q[0][0] < keep_from:
+                q.popleft()
