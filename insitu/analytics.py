@@ -112,6 +112,7 @@ class Analytics:
         self._link: Any = None
         self._consumer = 0
         self._history: tuple[StepData, ...] = ()
+        self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
         self._owns_ray = False
         self._where: dict[str, str] = {}
         self._step: int | None = None
@@ -297,12 +298,13 @@ class Analytics:
     def _process(self, data: StepData, history: bool = False) -> None:
         """Run the callbacks of one step; with ``history`` only fill the windows."""
         assert self.info is not None
-        from insitu.graph import NodeScheduler, make_array
+        from insitu.graph import NodeScheduler, block_order, expand_parts, make_array
 
-        by_array: dict[str, list[Any]] = {}
-        for c in data.chunks:
-            by_array.setdefault(c.array, []).append(c)
-            self._where[c.ref.hex()] = c.node
+        if self._order is None:
+            self._order = block_order(self.info.layouts, self.info.rank_nodes)
+        by_array = expand_parts(data.parts, self._order)
+        for _array, node, ref in data.parts:
+            self._where[ref.hex()] = node
         arrays = {
             lay.name: make_array(lay, data.step, by_array[lay.name], self.run_name)
             for lay in self.info.layouts

@@ -96,6 +96,10 @@ class Config:
         Directory of the shared-memory staging files ranks write into.
     slots
         Staging buffers per rank (2 = double buffering).
+    fanin
+        Nodes per step relay (``INSITU_FANIN``): a run on more nodes than this reports
+        through one relay per ``fanin`` nodes, so the head handles ``nodes / fanin`` calls
+        per step instead of ``nodes`` (docs/architecture.md).
     compute_cpus
         CPUs reserved by each node-local compute actor of the insitu scheduler (0: none
         reserved, the actor shares the node's cores).
@@ -127,6 +131,7 @@ class Config:
     namespace: str = "insitu"
     shm_dir: str = dataclasses.field(default_factory=_default_shm_dir)
     slots: int = 2
+    fanin: int = 32
     compute_cpus: float = 0.0
     scheduler: Scheduler = Scheduler.INSITU
     pool_ready_deadline: float = 120.0
@@ -197,7 +202,7 @@ def _coerce(name: str, value: Any) -> Any:
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in cls)
             raise ConfigError(f"{name} ({env}) must be one of {allowed}; got {value!r}") from None
-    if name in ("in_flight", "slots"):
+    if name in ("in_flight", "slots", "fanin"):
         try:
             number = int(value)
         except (TypeError, ValueError):

@@ -40,7 +40,40 @@ from insitu.errors import StepTimeoutError
 from insitu.layout import ArrayLayout
 from insitu.messages import ChunkRef
 
-__all__ = ["NodeExecutor", "NodeScheduler", "executor_on", "make_array"]
+__all__ = ["NodeExecutor", "NodeScheduler", "block_order", "executor_on", "expand_parts", "make_array"]
+
+
+def block_order(
+    layouts: Sequence[ArrayLayout], rank_nodes: Sequence[str]
+) -> dict[tuple[str, str], tuple[tuple[int, ...], ...]]:
+    """For each (array, node), the blocks the node actor stores, in its object's order (rank order).
+
+    Computed once per run from what the simulation registered, so per-step messages carry
+    one ref per node and array, never per-block records.
+
+    Examples
+    --------
+    >>> from insitu.layout import ArraySpec, validate_layout
+    >>> lay = validate_layout([{"u": ArraySpec("u", (4,), "f8", start=(2 * r,), shape=(2,))} for r in range(2)])
+    >>> block_order(list(lay.values()), ["b", "a"])
+    {('u', 'a'): ((1,),), ('u', 'b'): ((0,),)}
+    """
+    out: dict[tuple[str, str], list[tuple[int, tuple[int, ...]]]] = {}
+    for lay in layouts:
+        for block, rank in lay.owners:
+            out.setdefault((lay.name, rank_nodes[rank]), []).append((rank, tuple(block)))
+    return {key: tuple(b for _, b in sorted(v)) for key, v in sorted(out.items())}
+
+
+def expand_parts(
+    parts: Sequence[tuple[str, str, Any]], order: Mapping[tuple[str, str], tuple[tuple[int, ...], ...]]
+) -> dict[str, list[ChunkRef]]:
+    """The :class:`ChunkRef` of every block of a step's ``(array, node, ref)`` parts, per array."""
+    out: dict[str, list[ChunkRef]] = {}
+    for array, node, ref in parts:
+        chunks = out.setdefault(array, [])
+        chunks += [ChunkRef(array, block, ref, node, i) for i, block in enumerate(order[(array, node)])]
+    return out
 
 
 def make_array(layout: ArrayLayout, step: int, chunks: Sequence[ChunkRef], run: str) -> da.Array:

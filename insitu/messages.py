@@ -30,6 +30,7 @@ __all__ = [
     "DriverHello",
     "DriverRefused",
     "EndReason",
+    "GroupStep",
     "NodeStep",
     "RegisterRun",
     "RunEnd",
@@ -115,7 +116,7 @@ class ChunkRef:
 
     The node actor stores the blocks of one array of its node's step as one object (one
     ``ray.put`` per node, step and array): ``index`` is this block's position in that
-    object's tuple.
+    object's tuple. Built by the consumer from a :class:`StepData` part and the layouts.
     """
 
     array: str
@@ -127,21 +128,38 @@ class ChunkRef:
 
 @dataclass(frozen=True, slots=True)
 class NodeStep:
-    """The single message a node actor sends the head per step."""
+    """The single message a node actor sends the head per step: one object ref per array.
+
+    ``refs[i]`` holds the tuple of this node's blocks of ``arrays[i]`` in rank order; which
+    block each is follows from the layouts and the rank-to-node map registered once, so no
+    per-block record crosses any process per step (:func:`insitu.graph.expand_parts`).
+    """
 
     node: str
     step: int
-    chunks: tuple[ChunkRef, ...]
+    arrays: tuple[str, ...]
+    refs: tuple[Any, ...]
     seq: int = 0
     """Per-node message number: the head handles a node's messages in this order."""
 
 
 @dataclass(frozen=True, slots=True)
+class GroupStep:
+    """A relay's single message to the head per step: the step messages of its nodes."""
+
+    relay: str
+    step: int
+    parts: tuple[NodeStep, ...]
+    seq: int = 0
+    """Per-relay message number: the head handles a relay's messages in this order."""
+
+
+@dataclass(frozen=True, slots=True)
 class StepData:
-    """A complete step, served to the analytics in step order."""
+    """A complete step, served to a consumer in step order: ``(array, node, ref)`` per part."""
 
     step: int
-    chunks: tuple[ChunkRef, ...]
+    parts: tuple[tuple[str, str, Any], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +178,8 @@ class RunInfo:
     size: int
     layouts: tuple[ArrayLayout, ...]
     nodes: tuple[str, ...]
+    rank_nodes: tuple[str, ...] = ()
+    """Node id of every rank (where each block lives)."""
 
 
 @dataclass(frozen=True, slots=True)

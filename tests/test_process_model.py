@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import finish_sim, run_name, start_sim, wait_gone
+from tests.conftest import expected_field, finish_sim, run_name, start_sim, wait_gone
 
 pytestmark = pytest.mark.cluster
 
@@ -73,3 +73,39 @@ def test_a_failed_setup_leaves_no_driver(cluster: Any) -> None:
     while driver_pids(run) and time.monotonic() < end:
         time.sleep(0.2)
     assert driver_pids(run) == []
+
+
+def test_relays_carry_steps_statuses_and_the_close(cluster: Any) -> None:
+    """fanin=1 on two nodes: each node reports through its own step relay, never to the head directly."""
+    import numpy as np
+    import ray
+
+    import insitu
+    from insitu.actors.head import head_name
+
+    run = run_name("relay")
+    shape = (8, 6)
+    proc = start_sim(cluster, 4, {"run": run, "steps": 200, "shape": list(shape), "sleep": 0.01},
+                     env={"INSITU_FANIN": "1"})  # fmt: skip
+    analytics = insitu.Analytics(run=run, deadline=60, fanin=1)
+    seen: dict[int, np.ndarray] = {}
+    stats: dict[str, Any] = {}
+
+    @analytics.on_step("u")
+    def check(step: int, u: list) -> None:
+        seen[step] = u[0].compute()
+        if step == 5:
+            stats.update(ray.get(ray.get_actor(head_name(run), namespace="insitu").stats.remote()))
+            analytics.set("stop", True)  # travels head -> relays -> node actors -> ranks
+
+    summary = analytics.run()
+    result = finish_sim(proc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stops = {r: e["stop_at"] for r, e in result.one("done").items()}
+    assert len(set(stops.values())) == 1 and 5 < stops[0] <= 5 + 3, stops
+    assert summary.steps == stops[0] + 1  # the close travelled through the relays after every step
+    for step, field in seen.items():
+        np.testing.assert_array_equal(field, expected_field(step, shape))
+    assert stats["units"] == 2
+    assert all(name.startswith(f"insitu-relay-{run}-") for name in stats["messages"]), stats["messages"]
+    assert wait_gone(run)

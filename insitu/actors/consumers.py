@@ -15,11 +15,11 @@ refilled from what is retained.
 
 Examples
 --------
->>> from insitu.messages import ChunkRef, StepData
+>>> from insitu.messages import StepData
 >>> book = ConsumerBook()
 >>> first = book.attach("analytics", {"u": 2}, now=0.0)
 >>> for s in range(3):
-...     book.deliver(StepData(s, (ChunkRef("u", (0,), f"ref{s}", "n", 0),)))
+...     book.deliver(StepData(s, (("u", "node-a", f"ref{s}"),)))
 >>> [d.step for d in first.ready]
 [0, 1, 2]
 >>> for s in range(3):
@@ -34,8 +34,9 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from insitu.messages import AnalyticsState, ChunkRef, StepData
+from insitu.messages import AnalyticsState, StepData
 
 __all__ = ["Consumer", "ConsumerBook", "ConsumerState"]
 
@@ -69,7 +70,7 @@ class Consumer:
 
     def share(self, data: StepData) -> StepData:
         """``data`` restricted to the arrays this consumer reads (it holds no other chunk)."""
-        return StepData(data.step, tuple(c for c in data.chunks if c.array in self.windows))
+        return StepData(data.step, tuple(p for p in data.parts if p[0] in self.windows))
 
 
 class ConsumerBook:
@@ -82,7 +83,7 @@ class ConsumerBook:
         self.failures = 0
         self.last_failure = ""
         self._backlog: deque[StepData] = deque()
-        self._retained: dict[str, deque[tuple[int, tuple[ChunkRef, ...]]]] = {}
+        self._retained: dict[str, deque[tuple[int, tuple[tuple[str, str, Any], ...]]]] = {}
         self._left = AnalyticsState.PENDING
         self._failed_since_attach = False
 
@@ -106,7 +107,7 @@ class ConsumerBook:
 
     def history(self, c: Consumer) -> list[StepData]:
         """Retained steps that refill ``c``'s windows (oldest first; at most window - 1 per array)."""
-        by_step: dict[int, list[ChunkRef]] = {}
+        by_step: dict[int, list[tuple[str, str, Any]]] = {}
         for array, window in c.windows.items():
             if window <= 1:
                 continue
@@ -142,12 +143,12 @@ class ConsumerBook:
             return
         for c in self.attached():
             c.ready.append(c.share(data))
-        for chunk in data.chunks:
-            if self._window(chunk.array) > 1:
-                q = self._retained.setdefault(chunk.array, deque())
+        for part in data.parts:
+            if self._window(part[0]) > 1:
+                q = self._retained.setdefault(part[0], deque())
                 if not q or q[-1][0] != data.step:
                     q.append((data.step, ()))
-                q[-1] = (data.step, (*q[-1][1], chunk))
+                q[-1] = (data.step, (*q[-1][1], part))
         self._prune()
 
     def done(self, cid: int, step: int) -> None:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import time
-from collections import Counter
 from typing import Any
 
 import ray
@@ -21,12 +20,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from insitu.actors.consumers import ConsumerBook, ConsumerState
 from insitu.actors.node import NodeActor
+from insitu.actors.ordering import InOrder
+from insitu.actors.relay import StepRelay
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE
 from insitu.errors import ContractError, StepTimeoutError
 from insitu.messages import (
     Attached,
     EndReason,
+    GroupStep,
     NodeStep,
     RunEnd,
     RunInfo,
@@ -37,7 +39,7 @@ from insitu.messages import (
     Waiting,
 )
 
-__all__ = ["HeadActor", "head_name", "get_or_create_head"]
+__all__ = ["HeadActor", "get_or_create_head", "head_name", "relay_name"]
 
 log = logging.getLogger(__name__)
 _NO_STEP = -(2**62)
@@ -47,6 +49,11 @@ _FAILURE_GRACE = 0.5  # seconds to collect the other ranks a launcher kills afte
 def head_name(run: str) -> str:
     """Name of the head actor of ``run``."""
     return f"insitu-head-{run}"
+
+
+def relay_name(run: str, first_node: str) -> str:
+    """Name of the step relay of the group of ``run``'s nodes that starts with ``first_node``."""
+    return f"insitu-relay-{run}-{first_node[:12]}"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -63,11 +70,12 @@ class HeadActor:
         self._updates: list[SteeringUpdate] = []
         self._pushed = 0
         self._seq = 0
-        self._sent_by_node: dict[str, int] = {}
-        self._early: dict[str, dict[int, NodeStep]] = {}
-        self._closed_nodes: dict[str, int] = {}
+        self._units: dict[str, Any] = {}  # what reports to the head: nodes, or relays of node groups
+        self._unit_nodes: dict[str, tuple[str, ...]] = {}
+        self._order: InOrder[Any] = InOrder()
+        self._sent_by_unit: dict[str, int] = {}
+        self._closed_units: dict[str, int] = {}
         self._end: RunEnd | None = None
-        self._messages: Counter[str] = Counter()
         self._steps_assembled = 0
         self._created = time.monotonic()
         self._ended_at: float | None = None
@@ -96,8 +104,8 @@ class HeadActor:
         self._seq += 1
         status = self._status()
         self._pushed = len(self._updates)
-        for node in self._nodes.values():
-            node.update.remote(status)
+        for unit in self._units.values():
+            unit.update.remote(status)
 
     def _finish(self, end: RunEnd) -> None:
         if self._end is None:
@@ -110,9 +118,12 @@ class HeadActor:
     async def register_simulation(self, info: SimInfo, nodes: dict[str, Any] | None = None) -> dict[str, str]:
         """Create one node actor per node of the simulation; return their socket addresses.
 
-        ``nodes`` (node id -> actor) adopts node processes started elsewhere instead, e.g. the
-        impersonated nodes of the scale model (``benchmarks/scale_model.py``); they must
-        answer ``start(status)``, ``update(status)`` and send ``node_step`` like a ``NodeActor``.
+        Above ``fanin`` nodes the nodes report through :class:`StepRelay` s, ``fanin`` nodes
+        each, so the head handles ``K / fanin`` calls in and out per step (module
+        :mod:`insitu.actors.relay`). ``nodes`` (node id -> actor) adopts node processes
+        started elsewhere instead, e.g. the impersonated nodes of the scale model
+        (``benchmarks/scale_model.py``); they answer ``start(status, parent)`` and
+        ``update(status)`` and send ``node_step``/``node_closed`` to their parent.
         """
         self._ensure_watchdog()
         if self._sim is not None or self._torn_down:
@@ -125,61 +136,84 @@ class HeadActor:
             by_node.setdefault(node, []).append(rank)
         status = self._status(full=True)
         self._pushed = len(self._updates)
-        for node, ranks in by_node.items():
+        ordered = sorted(by_node)
+        fanin = self._cfg.fanin
+        groups = [ordered[i : i + fanin] for i in range(0, len(ordered), fanin)] if len(ordered) > fanin else []
+        parent_of: dict[str, Any] = dict.fromkeys(ordered, me)
+        for group in groups:
+            name = relay_name(self._run, group[0])
+            relay = StepRelay.options(  # type: ignore[attr-defined]
+                name=name,
+                namespace=self._cfg.namespace,
+                scheduling_strategy=None if nodes is not None else NodeAffinitySchedulingStrategy(group[0], soft=False),
+            ).remote(self._run, name, me, tuple(group))
+            self._units[name] = relay
+            self._unit_nodes[name] = tuple(group)
+            parent_of.update(dict.fromkeys(group, relay))
+        for node in ordered:
             self._nodes[node] = (
                 nodes[node]
                 if nodes is not None
                 else NodeActor.options(  # type: ignore[attr-defined]
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-                ).remote(self._run, node, me, tuple(ranks))
+                ).remote(self._run, node, me, tuple(by_node[node]))
             )
+            if not groups:
+                self._units[node] = self._nodes[node]
+                self._unit_nodes[node] = (node,)
         try:
-            addresses = await asyncio.wait_for(
-                asyncio.gather(*(a.start.remote(status) for a in self._nodes.values())),
-                self._cfg.deadline,
-            )
+            starts = [self._nodes[n].start.remote(status, parent_of[n]) for n in ordered]
+            starts += [
+                self._units[relay_name(self._run, g[0])].start.remote({n: self._nodes[n] for n in g}) for g in groups
+            ]
+            addresses = await asyncio.wait_for(asyncio.gather(*starts), self._cfg.deadline)
         except TimeoutError:
             raise StepTimeoutError(
                 f"node actors of run {self._run!r} did not start within {self._cfg.deadline:.0f} s "
                 f"on nodes {[n[:12] for n in self._nodes]}"
             ) from None
         self._wake()
-        return dict(zip(self._nodes, addresses, strict=True))
+        return dict(zip(ordered, addresses[: len(ordered)], strict=True))
 
     async def node_step(self, msg: NodeStep) -> None:
-        """One node delivered one step (called once per node per step)."""
-        early = self._early.setdefault(msg.node, {})
-        early[msg.seq] = msg
-        while self._messages[msg.node] in early:  # a node's steps are handled in its own order
-            self._handle_step(early.pop(self._messages[msg.node]))
+        """A node reporting directly delivered one step (once per node per step)."""
+        for m in self._order.push(msg.node, msg.seq, msg):  # a node's steps are handled in its own order
+            self._unit_step(m.node, m.step, (m,))
 
-    def _handle_step(self, msg: NodeStep) -> None:
-        self._messages[msg.node] += 1
+    async def group_step(self, msg: GroupStep) -> None:
+        """A relay's group of nodes delivered one step (once per relay per step)."""
+        for m in self._order.push(msg.relay, msg.seq, msg):
+            self._unit_step(m.relay, m.step, m.parts)
+
+    def _unit_step(self, unit: str, step: int, parts: tuple[NodeStep, ...]) -> None:
         if self._end is not None or (self._book.consumers and not self._book.attached()):
             return  # dropped: nobody will read it
-        have = self._partial.setdefault(msg.step, {})
-        have[msg.node] = msg
-        if len(have) == len(self._nodes):
-            del self._partial[msg.step]
-            chunks = tuple(c for n in sorted(have) for c in have[n].chunks)
-            self._book.deliver(StepData(msg.step, chunks))
+        have = self._partial.setdefault(step, {})
+        have[unit] = parts
+        if len(have) == len(self._units):
+            del self._partial[step]
+            data = tuple(
+                (a, m.node, r) for u in sorted(have) for m in have[u] for a, r in zip(m.arrays, m.refs, strict=True)
+            )
+            self._book.deliver(StepData(step, data))
             self._steps_assembled += 1
             self._wake()
-        if self._sent_by_node:
+        if self._sent_by_unit:
             self._maybe_closed()
 
-    async def node_closed(self, node: str, last_step: int, messages: int) -> None:
-        """Every rank of ``node`` closed its bridge after ``messages`` step messages."""
-        self._closed_nodes[node] = last_step
-        self._sent_by_node[node] = messages
+    async def node_closed(self, unit: str, last_step: int, messages: int) -> None:
+        """Every rank of ``unit`` (a node, or every node of a relay's group) closed after
+        ``unit`` sent ``messages`` step messages."""
+        self._closed_units[unit] = last_step
+        self._sent_by_unit[unit] = messages
         self._maybe_closed()
 
     def _maybe_closed(self) -> None:
         # Ray may run a node's close before its last step messages: end only once all arrived
-        if len(self._closed_nodes) == len(self._nodes) and all(
-            self._messages[n] >= sent for n, sent in self._sent_by_node.items()
+        if len(self._closed_units) == len(self._units) and all(
+            self._order.count(u) >= sent for u, sent in self._sent_by_unit.items()
         ):
-            self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_nodes.values())))
+            self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_units.values())))
 
     async def rank_failed(self, node: str, rank: int) -> None:
         """A rank disconnected without closing (crash, kill).
@@ -254,7 +288,7 @@ class HeadActor:
             if left <= 0:
                 return Waiting(f"no simulation has registered run {self._run!r} yet")
             await self._wait(left)
-        return RunInfo(self._sim.size, self._sim.layouts, tuple(self._nodes))
+        return RunInfo(self._sim.size, self._sim.layouts, tuple(self._nodes), self._sim.rank_nodes)
 
     async def _wait(self, timeout: float) -> None:
         if self._event is None:
@@ -293,7 +327,7 @@ class HeadActor:
         if not self._partial:
             return {}
         step = min(self._partial)
-        missing = [n for n in self._nodes if n not in self._partial[step]]
+        missing = [n for u in self._units if u not in self._partial[step] for n in self._unit_nodes[u]]
         return {n[:12]: tuple(r for r, rn in enumerate(self._sim.rank_nodes) if rn == n) for n in missing}
 
     def _describe_wait(self) -> str:
@@ -335,7 +369,8 @@ class HeadActor:
         return {
             "pid": os.getpid(),
             "pushes": self._seq,
-            "messages": dict(self._messages),
+            "messages": self._order.counts(),
+            "units": len(self._units),
             "nodes": list(self._nodes),
             "assembled": self._steps_assembled,
             "analytics": self._book.sim_state().name,
@@ -380,9 +415,10 @@ class HeadActor:
         if self._torn_down:
             return
         self._torn_down = True
-        for node in self._nodes.values():
-            ray.kill(node, no_restart=True)
+        for actor in {**self._units, **self._nodes}.values():
+            ray.kill(actor, no_restart=True)
         self._nodes.clear()
+        self._units.clear()
         self._book.clear()
         self._partial.clear()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

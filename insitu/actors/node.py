@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from insitu.messages import ChunkRef, NodeStep, Status, Wire
+from insitu.messages import NodeStep, Status, Wire
 from insitu.transport import encode_frame
 
 __all__ = ["NodeActor"]
@@ -50,6 +50,7 @@ class NodeActor:
         self._run = run
         self._node = node
         self._head = head
+        self._parent = head  # the head, or the relay of this node's group (set by start)
         self._expected = frozenset(ranks)
         self._ranks: dict[int, _RankState] = {}
         self._pending: dict[int, dict[int, tuple[_RankState, int]]] = {}  # step -> rank -> (rank, slot)
@@ -62,8 +63,14 @@ class NodeActor:
         self._next_seq = 0
         self._last_step = -1
 
-    async def start(self, status: Status) -> str:
-        """Open the rank socket (abstract Unix namespace) and return its address."""
+    async def start(self, status: Status, parent: Any = None) -> str:
+        """Open the rank socket (abstract Unix namespace) and return its address.
+
+        ``parent`` receives this node's step and close messages: the head, or the
+        :class:`~insitu.actors.relay.StepRelay` of its group on large runs.
+        """
+        if parent is not None:
+            self._parent = parent
         self._status = status
         self._history = list(status.updates)
         self._next_seq = status.seq + 1
@@ -117,7 +124,7 @@ class NodeActor:
                     writer.write(encode_frame((Wire.CLOSED,)))
                     await writer.drain()
                     if all(s.closed for s in self._ranks.values()) and len(self._ranks) == len(self._expected):
-                        self._head.node_closed.remote(self._node, self._last_step, self._messages)
+                        self._parent.node_closed.remote(self._node, self._last_step, self._messages)
                     return
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -139,10 +146,10 @@ class NodeActor:
         refs: the node actor owns them, and must not hold them past the consumers' windows.
         """
         loop = asyncio.get_running_loop()
-        chunks = await loop.run_in_executor(self._executor, self._put, [have[r] for r in sorted(have)])
+        names, refs = await loop.run_in_executor(self._executor, self._put, [have[r] for r in sorted(have)])
         for st, sl in have.values():
             st.writer.write(encode_frame((Wire.FREE, sl)))
-        self._head.node_step.remote(NodeStep(self._node, step, chunks, self._messages))
+        self._parent.node_step.remote(NodeStep(self._node, step, names, refs, self._messages))
         self._messages += 1
 
     def _hello(self, msg: tuple[Any, ...], writer: asyncio.StreamWriter) -> _RankState:
@@ -171,24 +178,20 @@ class NodeActor:
             writer.write(encode_frame((Wire.STATUS, full)))
         return state
 
-    def _put(self, ranks: list[tuple[_RankState, int]]) -> tuple[ChunkRef, ...]:
+    def _put(self, ranks: list[tuple[_RankState, int]]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         """Copy every block of one step of this node into the object store, one object per array.
 
         One ``ray.put`` per node, step and array instead of one per block: ``put`` costs ~1 ms
         of this actor's CPU regardless of size at small sizes (profiled). One object per
         *array* (not per step) so that each array's blocks live exactly as long as some
         consumer's window over that array holds them (the retention rule, per array).
+        Blocks are in rank order (``ranks`` is sorted), which is how consumers find them.
         """
-        by_array: dict[str, tuple[list[np.ndarray], list[tuple[int, ...]]]] = {}
+        by_array: dict[str, list[np.ndarray]] = {}
         for state, slot in ranks:
             base = slot * state.stride
-            for name, block, shape, dtype, offset in state.arrays:
-                views, blocks = by_array.setdefault(name, ([], []))
-                views.append(np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset))
-                blocks.append(block)
-        out: list[ChunkRef] = []
-        for name in sorted(by_array):
-            views, blocks = by_array[name]
-            ref = ray.put(tuple(views))
-            out += [ChunkRef(name, block, ref, self._node, i) for i, block in enumerate(blocks)]
-        return tuple(out)
+            for name, _block, shape, dtype, offset in state.arrays:
+                view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset)
+                by_array.setdefault(name, []).append(view)
+        names = tuple(sorted(by_array))
+        return names, tuple(ray.put(tuple(by_array[name])) for name in names)
