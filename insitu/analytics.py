@@ -302,8 +302,9 @@ class Analytics:
 
         if self._order is None:
             self._order = block_order(self.info.layouts, self.info.rank_nodes)
-        by_array = expand_parts(data.parts, self._order)
-        for _array, node, ref in data.parts:
+        parts = self._resolve(data.parts)
+        by_array = expand_parts(parts, self._order)
+        for _array, node, ref in parts:
             self._where[ref.hex()] = node
         arrays = {
             lay.name: make_array(lay, data.step, by_array[lay.name], self.run_name)
@@ -345,6 +346,21 @@ class Analytics:
         # Dask's and Ray's futures can keep a step's refs in reference cycles: collect them now,
         # so a chunk is released when the last window over its array passes it (retention rule)
         gc.collect(1)
+
+    def _resolve(self, parts: tuple[tuple[str, str, Any], ...]) -> list[tuple[str, str, Any]]:
+        """Replace the group objects of step relays by their ``(array, node, ref)`` parts (one ``ray.get``)."""
+        assert self.info is not None
+        relays = set(self.info.relays)
+        direct = [p for p in parts if p[1] not in relays]
+        grouped = [p for p in parts if p[1] in relays]
+        if not grouped:
+            return direct
+        import ray
+
+        groups = ray.get([ref for _, _, ref in grouped], timeout=self.config.deadline)
+        for (array, _, _), pairs in zip(grouped, groups, strict=True):
+            direct += [(array, node, ref) for node, ref in pairs]
+        return direct
 
     def _executor(self, node: str) -> Any:
         """The compute actor of ``node`` (owned by this process, created on first use)."""

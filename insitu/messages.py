@@ -145,18 +145,28 @@ class NodeStep:
 
 @dataclass(frozen=True, slots=True)
 class GroupStep:
-    """A relay's single message to the head per step: the step messages of its nodes."""
+    """A relay's single message to the head per step: one *group object* ref per array.
+
+    ``refs[i]`` holds, for ``arrays[i]``, the tuple of ``(node, ref)`` of every node of the
+    relay's group (put by the relay, so the head handles one ref per relay and array, never
+    one per node); consumers resolve it (:meth:`insitu.analytics.Analytics` does).
+    """
 
     relay: str
     step: int
-    parts: tuple[NodeStep, ...]
+    arrays: tuple[str, ...]
+    refs: tuple[Any, ...]
     seq: int = 0
     """Per-relay message number: the head handles a relay's messages in this order."""
 
 
 @dataclass(frozen=True, slots=True)
 class StepData:
-    """A complete step, served to a consumer in step order: ``(array, node, ref)`` per part."""
+    """A complete step, served to a consumer in step order: ``(array, unit, ref)`` per part.
+
+    ``unit`` is a node id (``ref`` holds that node's blocks of the array) or the name of a
+    step relay listed in ``RunInfo.relays`` (``ref`` holds ``(node, ref)`` pairs of its group).
+    """
 
     step: int
     parts: tuple[tuple[str, str, Any], ...]
@@ -180,6 +190,8 @@ class RunInfo:
     nodes: tuple[str, ...]
     rank_nodes: tuple[str, ...] = ()
     """Node id of every rank (where each block lives)."""
+    relays: tuple[str, ...] = ()
+    """Step relays of the run: parts from them are group objects (see :class:`GroupStep`)."""
 
 
 @dataclass(frozen=True, slots=True)

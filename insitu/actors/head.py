@@ -178,23 +178,21 @@ class HeadActor:
     async def node_step(self, msg: NodeStep) -> None:
         """A node reporting directly delivered one step (once per node per step)."""
         for m in self._order.push(msg.node, msg.seq, msg):  # a node's steps are handled in its own order
-            self._unit_step(m.node, m.step, (m,))
+            self._unit_step(m.node, m.step, m.arrays, m.refs)
 
     async def group_step(self, msg: GroupStep) -> None:
         """A relay's group of nodes delivered one step (once per relay per step)."""
         for m in self._order.push(msg.relay, msg.seq, msg):
-            self._unit_step(m.relay, m.step, m.parts)
+            self._unit_step(m.relay, m.step, m.arrays, m.refs)
 
-    def _unit_step(self, unit: str, step: int, parts: tuple[NodeStep, ...]) -> None:
+    def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...]) -> None:
         if self._end is not None or (self._book.consumers and not self._book.attached()):
             return  # dropped: nobody will read it
         have = self._partial.setdefault(step, {})
-        have[unit] = parts
+        have[unit] = tuple(zip(arrays, refs, strict=True))
         if len(have) == len(self._units):
             del self._partial[step]
-            data = tuple(
-                (a, m.node, r) for u in sorted(have) for m in have[u] for a, r in zip(m.arrays, m.refs, strict=True)
-            )
+            data = tuple((a, u, r) for u in sorted(have) for a, r in have[u])
             self._book.deliver(StepData(step, data))
             self._steps_assembled += 1
             self._wake()
@@ -288,7 +286,8 @@ class HeadActor:
             if left <= 0:
                 return Waiting(f"no simulation has registered run {self._run!r} yet")
             await self._wait(left)
-        return RunInfo(self._sim.size, self._sim.layouts, tuple(self._nodes), self._sim.rank_nodes)
+        relays = tuple(u for u in self._units if u not in self._nodes)
+        return RunInfo(self._sim.size, self._sim.layouts, tuple(self._nodes), self._sim.rank_nodes, relays)
 
     async def _wait(self, timeout: float) -> None:
         if self._event is None:
