@@ -99,16 +99,15 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
     fleet_cls = _fleet_class()
     placeholder = fleet_cls.remote(nodes, fleet_parents)
     ray.get(head.register_simulation.remote(info, dict.fromkeys(nodes, placeholder)))
-    relays = []
-    relay_names = {relay_name(run, nodes[i]) for i in range(0, k, fanin)} if k > fanin else set()
-    if k > fanin:
-        for i in range(0, k, fanin):
-            relay = ray.get_actor(relay_name(run, nodes[i]), namespace="insitu")
-            relays.append(relay)
-            fleet_parents[i : i + fanin] = [relay] * len(nodes[i : i + fanin])
-    fleet = placeholder if not relays else fleet_cls.remote(nodes, fleet_parents)
     link = _link_class().remote()
     cid = ray.get(head.attach.remote(link, {"u": 1}, "scale-model")).consumer
+    relay_names = set(ray.get(head.run_info.remote(60.0)).relays)
+    relays = [ray.get_actor(name, namespace="insitu") for name in sorted(relay_names)]
+    if relays:  # nodes send to their level-1 relay (the head tells them at start; the fleet looks it up)
+        for i in range(0, k, fanin):
+            first = ray.get_actor(relay_name(run, 1, i // fanin), namespace="insitu")
+            fleet_parents[i : i + fanin] = [first] * len(nodes[i : i + fanin])
+    fleet = placeholder if not relays else fleet_cls.remote(nodes, fleet_parents)
     pids = {"head": ray.get(head.stats.remote())["pid"], "fleet": ray.get(fleet.info.remote())["pid"]}
     if fleet is not placeholder:  # the nodes' status pushes land in the placeholder: nodes' CPU too
         pids["placeholder"] = ray.get(placeholder.info.remote())["pid"]
@@ -124,8 +123,12 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
             got = ray.get(head.next_steps.remote(cid, 60.0))
             for item in got if isinstance(got, list) else []:
                 if isinstance(item, StepData):  # resolved as the analytics does: group objects of relays
-                    groups = ray.get([r for _, unit, r in item.parts if unit in relay_names])
-                    assert len(item.parts) - len(groups) + sum(len(g) for g in groups) == k
+                    parts, found = list(item.parts), 0
+                    while parts:
+                        found += sum(1 for p in parts if p[1] not in relay_names)
+                        groups = ray.get([r for _, unit, r in parts if unit in relay_names])
+                        parts = [("u", unit, r) for g in groups for unit, r in g]
+                    assert found == k
                     received[item.step] = time.time()
         head.done.remote(cid, step)
         pushes = ray.get(head.stats.remote())["pushes"]  # wait until this step's push reached every node
@@ -155,6 +158,7 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
         "nodes": k,
         "fanin": fanin,
         "relays": len(relays),
+        "head_units": head_stats["units"],
         "ranks_per_node": ranks_per_node,
         "steps": steps,
         "head_cpu_ms_per_step": per_step["head"],

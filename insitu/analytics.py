@@ -348,19 +348,22 @@ class Analytics:
         gc.collect(1)
 
     def _resolve(self, parts: tuple[tuple[str, str, Any], ...]) -> list[tuple[str, str, Any]]:
-        """Replace the group objects of step relays by their ``(array, node, ref)`` parts (one ``ray.get``)."""
+        """Replace the group objects of step relays by their ``(array, node, ref)`` parts
+        (one ``ray.get`` per level of the relay tree)."""
         assert self.info is not None
         relays = set(self.info.relays)
-        direct = [p for p in parts if p[1] not in relays]
+        out = [p for p in parts if p[1] not in relays]
         grouped = [p for p in parts if p[1] in relays]
-        if not grouped:
-            return direct
-        import ray
+        if grouped:
+            import ray
 
-        groups = ray.get([ref for _, _, ref in grouped], timeout=self.config.deadline)
-        for (array, _, _), pairs in zip(grouped, groups, strict=True):
-            direct += [(array, node, ref) for node, ref in pairs]
-        return direct
+        while grouped:
+            groups = ray.get([ref for _, _, ref in grouped], timeout=self.config.deadline)
+            below = [(array, unit, ref) for (array, _, _), pairs in zip(grouped, groups, strict=True)
+                     for unit, ref in pairs]  # fmt: skip
+            out += [p for p in below if p[1] not in relays]
+            grouped = [p for p in below if p[1] in relays]
+        return out
 
     def _executor(self, node: str) -> Any:
         """The compute actor of ``node`` (owned by this process, created on first use)."""

@@ -97,9 +97,11 @@ class Config:
     slots
         Staging buffers per rank (2 = double buffering).
     fanin
-        Nodes per step relay (``INSITU_FANIN``): a run on more nodes than this reports
-        through one relay per ``fanin`` nodes, so the head handles ``nodes / fanin`` calls
-        per step instead of ``nodes`` (docs/architecture.md).
+        Units per step relay (``INSITU_FANIN``): a run on more nodes than this reports
+        through a tree of relays of ``fanin`` nodes (or relays) each (docs/architecture.md).
+    head_fanin
+        At most this many units (top relays) report to the head once a tree is built
+        (``INSITU_HEAD_FANIN``), so the head's calls per step do not grow with the nodes.
     compute_cpus
         CPUs reserved by each node-local compute actor of the insitu scheduler (0: none
         reserved, the actor shares the node's cores).
@@ -132,6 +134,7 @@ class Config:
     shm_dir: str = dataclasses.field(default_factory=_default_shm_dir)
     slots: int = 2
     fanin: int = 32
+    head_fanin: int = 4
     compute_cpus: float = 0.0
     scheduler: Scheduler = Scheduler.INSITU
     pool_ready_deadline: float = 120.0
@@ -202,7 +205,7 @@ def _coerce(name: str, value: Any) -> Any:
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in cls)
             raise ConfigError(f"{name} ({env}) must be one of {allowed}; got {value!r}") from None
-    if name in ("in_flight", "slots", "fanin"):
+    if name in ("in_flight", "slots", "fanin", "head_fanin"):
         try:
             number = int(value)
         except (TypeError, ValueError):

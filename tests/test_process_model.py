@@ -76,7 +76,7 @@ def test_a_failed_setup_leaves_no_driver(cluster: Any) -> None:
 
 
 def test_relays_carry_steps_statuses_and_the_close(cluster: Any) -> None:
-    """fanin=1 on two nodes: each node reports through its own step relay, never to the head directly."""
+    """fanin=1, head_fanin=1 on two nodes: a two-level relay tree (one relay per node, one above both)."""
     import numpy as np
     import ray
 
@@ -86,8 +86,8 @@ def test_relays_carry_steps_statuses_and_the_close(cluster: Any) -> None:
     run = run_name("relay")
     shape = (8, 6)
     proc = start_sim(cluster, 4, {"run": run, "steps": 200, "shape": list(shape), "sleep": 0.01},
-                     env={"INSITU_FANIN": "1"})  # fmt: skip
-    analytics = insitu.Analytics(run=run, deadline=60, fanin=1)
+                     env={"INSITU_FANIN": "1", "INSITU_HEAD_FANIN": "1"})  # fmt: skip
+    analytics = insitu.Analytics(run=run, deadline=60, fanin=1, head_fanin=1)
     seen: dict[int, np.ndarray] = {}
     stats: dict[str, Any] = {}
 
@@ -96,7 +96,7 @@ def test_relays_carry_steps_statuses_and_the_close(cluster: Any) -> None:
         seen[step] = u[0].compute()
         if step == 5:
             stats.update(ray.get(ray.get_actor(head_name(run), namespace="insitu").stats.remote()))
-            analytics.set("stop", True)  # travels head -> relays -> node actors -> ranks
+            analytics.set("stop", True)  # travels head -> relay -> relays -> node actors -> ranks
 
     summary = analytics.run()
     result = finish_sim(proc)
@@ -106,6 +106,6 @@ def test_relays_carry_steps_statuses_and_the_close(cluster: Any) -> None:
     assert summary.steps == stops[0] + 1  # the close travelled through the relays after every step
     for step, field in seen.items():
         np.testing.assert_array_equal(field, expected_field(step, shape))
-    assert stats["units"] == 2
-    assert all(name.startswith(f"insitu-relay-{run}-") for name in stats["messages"]), stats["messages"]
+    assert (stats["units"], stats["relays"]) == (1, 3)
+    assert list(stats["messages"]) == [f"insitu-relay-{run}-2-0"], stats["messages"]  # only the top relay
     assert wait_gone(run)

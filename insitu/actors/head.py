@@ -51,9 +51,9 @@ def head_name(run: str) -> str:
     return f"insitu-head-{run}"
 
 
-def relay_name(run: str, first_node: str) -> str:
-    """Name of the step relay of the group of ``run``'s nodes that starts with ``first_node``."""
-    return f"insitu-relay-{run}-{first_node[:12]}"
+def relay_name(run: str, level: int, index: int) -> str:
+    """Name of the ``index``-th step relay of tree level ``level`` (1: relays of nodes) of ``run``."""
+    return f"insitu-relay-{run}-{level}-{index}"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -70,7 +70,8 @@ class HeadActor:
         self._updates: list[SteeringUpdate] = []
         self._pushed = 0
         self._seq = 0
-        self._units: dict[str, Any] = {}  # what reports to the head: nodes, or relays of node groups
+        self._units: dict[str, Any] = {}  # what reports to the head: nodes, or the top step relays
+        self._relays: dict[str, Any] = {}  # every step relay of the run (insitu.actors.relay)
         self._unit_nodes: dict[str, tuple[str, ...]] = {}
         self._order: InOrder[Any] = InOrder()
         self._sent_by_unit: dict[str, int] = {}
@@ -118,9 +119,9 @@ class HeadActor:
     async def register_simulation(self, info: SimInfo, nodes: dict[str, Any] | None = None) -> dict[str, str]:
         """Create one node actor per node of the simulation; return their socket addresses.
 
-        Above ``fanin`` nodes the nodes report through :class:`StepRelay` s, ``fanin`` nodes
-        each, so the head handles ``K / fanin`` calls in and out per step (module
-        :mod:`insitu.actors.relay`). ``nodes`` (node id -> actor) adopts node processes
+        Above ``fanin`` nodes the nodes report through a tree of :class:`StepRelay` s of
+        ``fanin`` units each, built until at most ``head_fanin`` units report to the head
+        (module :mod:`insitu.actors.relay`). ``nodes`` (node id -> actor) adopts node processes
         started elsewhere instead, e.g. the impersonated nodes of the scale model
         (``benchmarks/scale_model.py``); they answer ``start(status, parent)`` and
         ``update(status)`` and send ``node_step``/``node_closed`` to their parent.
@@ -137,19 +138,6 @@ class HeadActor:
         status = self._status(full=True)
         self._pushed = len(self._updates)
         ordered = sorted(by_node)
-        fanin = self._cfg.fanin
-        groups = [ordered[i : i + fanin] for i in range(0, len(ordered), fanin)] if len(ordered) > fanin else []
-        parent_of: dict[str, Any] = dict.fromkeys(ordered, me)
-        for group in groups:
-            name = relay_name(self._run, group[0])
-            relay = StepRelay.options(  # type: ignore[attr-defined]
-                name=name,
-                namespace=self._cfg.namespace,
-                scheduling_strategy=None if nodes is not None else NodeAffinitySchedulingStrategy(group[0], soft=False),
-            ).remote(self._run, name, me, tuple(group))
-            self._units[name] = relay
-            self._unit_nodes[name] = tuple(group)
-            parent_of.update(dict.fromkeys(group, relay))
         for node in ordered:
             self._nodes[node] = (
                 nodes[node]
@@ -158,14 +146,39 @@ class HeadActor:
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
                 ).remote(self._run, node, me, tuple(by_node[node]))
             )
-            if not groups:
-                self._units[node] = self._nodes[node]
-                self._unit_nodes[node] = (node,)
+        handles: dict[str, Any] = dict(self._nodes)
+        below: dict[str, tuple[str, ...]] = {n: (n,) for n in ordered}  # unit -> the nodes under it
+        children: dict[str, tuple[str, ...]] = {}  # relay -> its units
+        level, top = 0, list(ordered)
+        if len(ordered) > self._cfg.fanin:
+            while level == 0 or len(top) > self._cfg.head_fanin:
+                level += 1
+                size = self._cfg.fanin if level == 1 else max(self._cfg.fanin, 2)  # levels above 1 always shrink
+                groups = [top[i : i + size] for i in range(0, len(top), size)]
+                top = []
+                for index, group in enumerate(groups):
+                    name = relay_name(self._run, level, index)
+                    first = below[group[0]][0]  # on the first node of its subtree
+                    handles[name] = StepRelay.options(  # type: ignore[attr-defined]
+                        name=name,
+                        namespace=self._cfg.namespace,
+                        scheduling_strategy=None
+                        if nodes is not None
+                        else NodeAffinitySchedulingStrategy(first, soft=False),
+                    ).remote(self._run, name, tuple(group))
+                    children[name] = tuple(group)
+                    below[name] = tuple(n for u in group for n in below[u])
+                    top.append(name)
+        parent_of: dict[str, Any] = {u: me for u in top}
+        for relay, units in children.items():
+            parent_of.update(dict.fromkeys(units, handles[relay]))
+        self._relays = {r: handles[r] for r in children}
+        self._units = {u: handles[u] for u in top}
+        self._unit_nodes = {u: below[u] for u in top}
         try:
             starts = [self._nodes[n].start.remote(status, parent_of[n]) for n in ordered]
-            starts += [
-                self._units[relay_name(self._run, g[0])].start.remote({n: self._nodes[n] for n in g}) for g in groups
-            ]
+            for relay, units in children.items():
+                starts.append(handles[relay].start.remote({u: handles[u] for u in units}, parent_of[relay]))
             addresses = await asyncio.wait_for(asyncio.gather(*starts), self._cfg.deadline)
         except TimeoutError:
             raise StepTimeoutError(
@@ -286,7 +299,7 @@ class HeadActor:
             if left <= 0:
                 return Waiting(f"no simulation has registered run {self._run!r} yet")
             await self._wait(left)
-        relays = tuple(u for u in self._units if u not in self._nodes)
+        relays = tuple(self._relays)
         return RunInfo(self._sim.size, self._sim.layouts, tuple(self._nodes), self._sim.rank_nodes, relays)
 
     async def _wait(self, timeout: float) -> None:
@@ -370,6 +383,7 @@ class HeadActor:
             "pushes": self._seq,
             "messages": self._order.counts(),
             "units": len(self._units),
+            "relays": len(self._relays),
             "nodes": list(self._nodes),
             "assembled": self._steps_assembled,
             "analytics": self._book.sim_state().name,
@@ -414,10 +428,11 @@ class HeadActor:
         if self._torn_down:
             return
         self._torn_down = True
-        for actor in {**self._units, **self._nodes}.values():
+        for actor in {**self._relays, **self._nodes}.values():
             ray.kill(actor, no_restart=True)
         self._nodes.clear()
         self._units.clear()
+        self._relays.clear()
         self._book.clear()
         self._partial.clear()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

@@ -2,15 +2,18 @@
 
 With ``K`` nodes the head would receive ``K`` step messages and send ``K`` status pushes
 per step, each a Ray call costing it ~0.3-0.5 ms of CPU (``benchmarks/scale_model.py``).
-Above ``Config.fanin`` nodes, the head groups the sorted nodes ``fanin`` at a time; each
-group gets a :class:`StepRelay`, pinned to the group's first node. Node actors send their
-step messages and their close to the relay; the relay hands the head *one*
-:class:`~insitu.messages.GroupStep` per step once every node of the group delivered it,
-and forwards each status push to its nodes. The head then handles ``K / fanin`` calls in
-and out per step. Relays are owned by the head (they die with it). A group message holds
-one *group object* per array, put by the relay, with the ``(node, ref)`` pairs of its
-nodes: passing a ref costs the head ~10-100 us (borrower bookkeeping), so the head passes
-``K / fanin`` refs per step, not ``K``; the consumer resolves the group objects.
+Above ``Config.fanin`` nodes, the head builds a tree: it groups the sorted nodes ``fanin``
+at a time, each group under a :class:`StepRelay` pinned to the group's first node, then
+groups those relays ``fanin`` at a time, and so on until at most ``Config.head_fanin``
+units report to the head. Node actors send their step messages and their close to their
+relay; a relay hands its parent *one* :class:`~insitu.messages.GroupStep` per step once
+every unit of its group delivered it, and forwards each status push down. The head then
+handles at most ``head_fanin`` calls in and out per step, whatever ``K``. Relays are
+owned by the head (they die with it). A group message holds
+one *group object* per array, put by the relay, with the ``(unit, ref)`` pairs of its
+group: passing a ref costs ~10-100 us (borrower bookkeeping), so the head passes one ref
+per top unit and array per step, not ``K``; the consumer resolves the group objects, one
+``ray.get`` per tree level.
 """
 
 from __future__ import annotations
@@ -31,63 +34,75 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class StepRelay:
-    """Aggregates one group of node actors (see the module docstring)."""
+    """Aggregates one group of units: node actors, or relays of the level below."""
 
-    def __init__(self, run: str, name: str, head: Any, nodes: tuple[str, ...]) -> None:
+    def __init__(self, run: str, name: str, units: tuple[str, ...]) -> None:
         self._run = run
         self._name = name
-        self._head = head
-        self._nodes = frozenset(nodes)
+        self._units = frozenset(units)
+        self._parent: Any = None
         self._members: dict[str, Any] = {}
-        self._order: InOrder[NodeStep] = InOrder()
-        self._pending: dict[int, dict[str, NodeStep]] = {}
+        self._order: InOrder[NodeStep | GroupStep] = InOrder()
+        self._pending: dict[int, dict[str, tuple[tuple[str, Any], ...]]] = {}
         self._sent = 0
-        self._closed: dict[str, tuple[int, int]] = {}  # node -> (last step, messages sent)
+        self._closed: dict[str, tuple[int, int]] = {}  # unit -> (last step, messages sent)
 
-    async def start(self, members: dict[str, Any]) -> None:
-        """The node actors of the group (created by the head after this relay)."""
+    async def start(self, members: dict[str, Any], parent: Any) -> None:
+        """The group's actors (created by the head with this relay) and where to report."""
         self._members = dict(members)
+        self._parent = parent
 
     async def update(self, status: Status) -> None:
-        """Forward a status push to every node of the group (they apply pushes in order)."""
+        """Forward a status push to every unit of the group (node actors apply pushes in order)."""
         for member in self._members.values():
             member.update.remote(status)
 
     async def node_step(self, msg: NodeStep) -> None:
         """One node of the group delivered one step (handled in that node's message order)."""
         for m in self._order.push(msg.node, msg.seq, msg):
-            have = self._pending.setdefault(m.step, {})
-            have[m.node] = m
-            if len(have) == len(self._nodes):  # nodes complete steps in step order: so does the group
-                del self._pending[m.step]
-                self._forward(m.step, have)
-                del have  # no frame of this actor keeps a chunk's ref (retention rule)
+            self._unit_step(m.node, m.step, m.arrays, m.refs)
         self._maybe_closed()
 
-    def _forward(self, step: int, have: dict[str, NodeStep]) -> None:
-        """One group object per array (the group's ``(node, ref)`` pairs), one message to the head."""
+    async def group_step(self, msg: GroupStep) -> None:
+        """One relay of the level below delivered one step."""
+        for m in self._order.push(msg.relay, msg.seq, msg):
+            self._unit_step(m.relay, m.step, m.arrays, m.refs)
+        self._maybe_closed()
+
+    def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...]) -> None:
+        have = self._pending.setdefault(step, {})
+        have[unit] = tuple(zip(arrays, refs, strict=True))
+        if len(have) == len(self._units):  # units complete steps in step order: so does the group
+            del self._pending[step]
+            self._forward(step, have)
+
+    def _forward(self, step: int, have: dict[str, tuple[tuple[str, Any], ...]]) -> None:
+        """One group object per array (the group's ``(unit, ref)`` pairs), one message up.
+
+        A method of its own so that no frame of this actor keeps a chunk's ref (retention rule).
+        """
         by_array: dict[str, list[tuple[str, Any]]] = {}
-        for node in sorted(have):
-            for array, ref in zip(have[node].arrays, have[node].refs, strict=True):
-                by_array.setdefault(array, []).append((node, ref))
+        for unit in sorted(have):
+            for array, ref in have[unit]:
+                by_array.setdefault(array, []).append((unit, ref))
         names = tuple(sorted(by_array))
         refs = tuple(ray.put(tuple(by_array[a])) for a in names)
-        self._head.group_step.remote(GroupStep(self._name, step, names, refs, self._sent))
+        self._parent.group_step.remote(GroupStep(self._name, step, names, refs, self._sent))
         self._sent += 1
 
-    async def node_closed(self, node: str, last_step: int, messages: int) -> None:
-        """Every rank of ``node`` closed after ``messages`` step messages."""
-        self._closed[node] = (last_step, messages)
+    async def node_closed(self, unit: str, last_step: int, messages: int) -> None:
+        """Every rank below ``unit`` closed after ``unit`` sent ``messages`` step messages."""
+        self._closed[unit] = (last_step, messages)
         self._maybe_closed()
 
     def _maybe_closed(self) -> None:
-        if len(self._closed) == len(self._nodes) and all(
-            self._order.count(n) >= sent for n, (_, sent) in self._closed.items()
+        if len(self._closed) == len(self._units) and all(
+            self._order.count(u) >= sent for u, (_, sent) in self._closed.items()
         ):
             last = max(step for step, _ in self._closed.values())
-            self._head.node_closed.remote(self._name, last, self._sent)
+            self._parent.node_closed.remote(self._name, last, self._sent)
             self._closed.clear()
 
     async def stats(self) -> dict[str, int]:
-        """Group messages sent to the head, steps still incomplete, this process's id."""
+        """Group messages sent up, steps still incomplete, this process's id."""
         return {"messages": self._sent, "pending": len(self._pending), "pid": os.getpid()}
