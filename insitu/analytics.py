@@ -118,6 +118,7 @@ class Analytics:
         self._step: int | None = None
         self._in_callback = False
         self._sets: list[tuple[str, Any]] = []
+        self._done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
         self._executors: dict[str, Any] = {}
         self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace)
         self.info: RunInfo | None = None
@@ -271,7 +272,10 @@ class Analytics:
         last: int | None = None
         progress = time.monotonic()
         while True:
-            batch = ray.get(self._head.next_steps.remote(self._consumer, _POLL), timeout=_POLL + self.config.deadline)
+            done, self._done = self._done, None  # the completion travels with the next poll
+            batch = ray.get(
+                self._head.next_steps.remote(self._consumer, _POLL, done), timeout=_POLL + self.config.deadline
+            )
             if isinstance(batch, Waiting):
                 if time.monotonic() - progress > self.config.deadline:
                     raise StepTimeoutError(f"no step for {self.config.deadline:.0f} s: {batch.description}")
@@ -340,7 +344,8 @@ class Analytics:
                 self._in_callback = False
         if history:
             return
-        self._head.done.remote(self._consumer, data.step, tuple(self._sets))
+        # reported with the next poll (next_steps(done=...)); sets accumulate until then
+        self._done = (data.step, (*(self._done[1] if self._done else ()), *self._sets))
         self._sets.clear()
         self._prune()
         # Dask's and Ray's futures can keep a step's refs in reference cycles: collect them now,
@@ -392,6 +397,9 @@ class Analytics:
         self._where.clear()
         if self._head is not None:
             try:
+                if self._done is not None:  # a completion not yet reported: before the detach
+                    ray.get(self._head.done.remote(self._consumer, *self._done), timeout=10)
+                    self._done = None
                 ray.get(self._head.detach.remote(self._consumer), timeout=10)
             except Exception:  # the head may already be gone; nothing left to detach from
                 log.debug("head of run %s gone before detach", self.run_name)

@@ -310,8 +310,17 @@ class HeadActor:
         except TimeoutError:
             pass
 
-    async def next_steps(self, consumer: int, timeout: float) -> list[StepData | RunEnd] | Waiting:
-        """Complete steps in order for ``consumer`` (handed over), or the end of the stream."""
+    async def next_steps(
+        self, consumer: int, timeout: float, done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
+    ) -> list[StepData | RunEnd] | Waiting:
+        """Complete steps in order for ``consumer`` (handed over), or the end of the stream.
+
+        ``done`` = ``(step, sets)`` reports the consumer's last finished step and the steering
+        values set meanwhile (as :meth:`done` does) in the same call: one call per batch of
+        steps instead of two.
+        """
+        if done is not None:
+            self._complete(consumer, *done)
         c = self._book.consumers[consumer]
         if c.state != ConsumerState.ATTACHED:
             return [RunEnd(EndReason.ABORTED, f"consumer {consumer} is {c.state.name.lower()}: {c.failure}")]
@@ -357,6 +366,9 @@ class HeadActor:
         Steering values set during a step travel with its completion, so a rank that
         sees the step completed also sees them (one status push for both).
         """
+        self._complete(consumer, step, sets)
+
+    def _complete(self, consumer: int, step: int, sets: tuple[tuple[str, Any], ...]) -> None:
         for key, value in sets:
             self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
         self._book.done(consumer, step)
