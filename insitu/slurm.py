@@ -7,8 +7,6 @@ Examples
 --------
 >>> store_bytes(step_bytes=64 << 20, window=3, in_flight=2) == int(5 * (64 << 20) * 1.25)
 True
->>> port_block(1234)
-(54000, 100)
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from insitu.resources import data_path, executable
 __all__ = [
     "JobSpec",
     "busy_ports",
-    "port_block",
     "store_bytes",
     "check_store",
     "wait_for_nodes",
@@ -37,14 +34,6 @@ __all__ = [
 ]
 
 RAY_MIN_STORE = 80 << 20  # Ray refuses object stores below 75 MiB
-PORTS_PER_NODE = 100
-_BLOCKS = 40
-
-
-def port_block(job_id: int, shift: int = 0) -> tuple[int, int]:
-    """First port and per-node stride of a job's Ray port block (``shift`` moves it on conflict)."""
-    return 20000 + ((job_id + shift) % _BLOCKS) * 1000, PORTS_PER_NODE
-
 
 def busy_ports(ip: str, ports: Sequence[int]) -> list[int]:
     """The ports of ``ports`` that cannot be bound on ``ip`` (in use by anyone).

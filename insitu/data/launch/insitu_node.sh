@@ -6,9 +6,10 @@
 #   insitu_node.sh ray             run this node's raylet in the foreground (head on the first node)
 #   insitu_node.sh rank CMD...     run one simulation rank with INSITU_NODE set to this node's raylet
 #
-# This node's IP: $INSITU_NODE_IP if set; else the address of $INSITU_IFACE; else, when
-# INSITU_EMULATED_NODES=1 (several emulated nodes on one host), 127.0.0.(20 + node index);
-# else the first address of `hostname -I`.
+# This node's IP: $INSITU_NODE_IP if set (one address, or name=ip,name=ip per node); else the
+# address of $INSITU_IFACE; else, when INSITU_EMULATED_NODES=1 (several emulated nodes on one
+# host), 127.0.0.(20 + node index); else the source address of the route to another node of
+# the job, never loopback, link-local or a container bridge (insitu.site.address_for_job).
 # Commands: $INSITU_PYTHON and $INSITU_RAY (insitu launch sets both to its own environment's), else
 # python3 and ray on PATH.
 set -euo pipefail
@@ -27,14 +28,10 @@ node_index() {
 }
 
 node_ip() {
-    if [[ -n ${INSITU_NODE_IP:-} ]]; then
-        echo "$INSITU_NODE_IP"
-    elif [[ -n ${INSITU_IFACE:-} ]]; then
-        ip -4 -o addr show dev "$INSITU_IFACE" | awk '{print $4}' | cut -d/ -f1 | head -n 1
-    elif [[ ${INSITU_EMULATED_NODES:-0} == 1 ]]; then
+    if [[ ${INSITU_EMULATED_NODES:-0} == 1 && -z ${INSITU_NODE_IP:-} && -z ${INSITU_IFACE:-} ]]; then
         echo "127.0.0.$((20 + $(node_index)))"
-    else
-        hostname -I | awk '{print $1}'
+    else  # INSITU_NODE_IP (one address or name=ip,...), INSITU_IFACE, else the source of the route to a peer node
+        "${INSITU_PYTHON:-python3}" -c "from insitu.site import address_for_job; print(address_for_job())"
     fi
 }
 
@@ -42,19 +39,19 @@ node_ip() {
 node_base() {
     local base=$1
     if [[ ${INSITU_EMULATED_NODES:-0} == 1 ]]; then
-        echo $((base + 100 * $(node_index)))
+        echo $((base + ${INSITU_RAY_STRIDE:?} * $(node_index)))
     else
         echo "$base"
     fi
 }
 
-# the ports of the 100-port block starting at $2 that cannot be bound on $1 (space-separated)
+# the ports of the node's block (INSITU_RAY_STRIDE ports) starting at $2 that cannot be bound on $1
 busy_ports() {
     "${INSITU_PYTHON:-python3}" -c "
 import sys
 from insitu.slurm import busy_ports
-print(' '.join(map(str, busy_ports(sys.argv[1], range(int(sys.argv[2]), int(sys.argv[2]) + 100)))))
-" "$1" "$2"
+print(' '.join(map(str, busy_ports(sys.argv[1], range(int(sys.argv[2]), int(sys.argv[2]) + int(sys.argv[3]))))))
+" "$1" "$2" "${INSITU_RAY_STRIDE:?}"
 }
 
 # run `ray start ... --block` (the arguments); when it fails before the node is up (a loaded node:
@@ -117,7 +114,7 @@ ray)
     args=(--node-ip-address="$ip" --node-manager-port=$((b + 1)) --object-manager-port=$((b + 2))
         --dashboard-agent-listen-port=$((b + 5)) --dashboard-agent-grpc-port=$((b + 6))
         --runtime-env-agent-port=$((b + 7)) --metrics-export-port=$((b + 8))
-        --min-worker-port=$((b + 10)) --max-worker-port=$((b + 99))
+        --min-worker-port=$((b + 10)) --max-worker-port=$((b + INSITU_RAY_STRIDE - 1))
         --num-cpus="${INSITU_RAY_CPUS:-1}" --resources="{$resources}"
         --object-store-memory="${INSITU_STORE_BYTES:?}" --disable-usage-stats --block
         --temp-dir="${INSITU_RAY_TMP:?}/$name")
