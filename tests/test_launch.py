@@ -45,12 +45,12 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def _submit(slurm: dict[str, str], tmp: Path, sim: str, ana: str, *extra: str, nodes: int = 3,
-            env_extra: dict[str, str] | None = None) -> tuple[int, Path]:  # fmt: skip
+            env_extra: dict[str, str] | None = None, launch: tuple[str, ...] = ()) -> tuple[int, Path]:  # fmt: skip
     job_dir = tmp / "job"
     env = {**slurm, "INSITU_JOB_DIR": str(job_dir), **(env_extra or {})}
     cmd = [sys.executable, "-m", "insitu.cli", "launch", "--nodes", str(nodes), "--ranks-per-node", "2",
            "--simulation", sim, "--analytics", ana, "--step-bytes", "1000000", "--time", "00:10:00",
-           "--script", str(tmp / "job.sbatch"), "--", f"--output={tmp / 'job.out'}", *extra]  # fmt: skip
+           *launch, "--script", str(tmp / "job.sbatch"), "--", f"--output={tmp / 'job.out'}", *extra]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     return int(proc.stdout.split()[-1]), job_dir
 
@@ -158,6 +158,26 @@ def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], t
     _assert_clean(slurm, job)
 
 
+def test_dedicated_analytics_that_fails_ends_the_job_non_zero(slurm: dict[str, str], tmp_path: Path) -> None:
+    """--placement dedicated: the analytics alone on the last node, the simulation on the others; its
+    failure (a callback raising at step 3) is the job's exit code, the simulation still finishes."""
+    ana = f'{PY} {ROOT}/tests/sims/ana.py {{"fail_at":3}}'
+    job, job_dir = _submit(slurm, tmp_path, _heat(tmp_path / "dump", 20), ana, launch=("--placement", "dedicated"))
+    code = _wait(slurm, job, log=tmp_path / "job.out")
+    log = (tmp_path / "job.out").read_text()
+    ana_log = (job_dir / "analytics.log").read_text()
+    assert code != 0, log
+    assert "analytics exited with 1" in log, log
+    assert "planned failure at step 3" in ana_log
+    assert json.loads(ana_log.splitlines()[0]) == {"node": "node3"}  # the last node, alone
+    ranks_on = set()
+    for f in job_dir.glob("sim-*.log"):
+        ranks_on |= set(re.findall(r"rank \d+ host (\S+)", f.read_text()))
+    assert ranks_on == {"node1", "node2"}, ranks_on
+    assert "simulation exited with 0" in log
+    _assert_clean(slurm, job)
+
+
 def test_time_limit_stops_the_simulation_through_the_signal(slurm: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     job, job_dir = _submit(slurm, tmp_path, f"{PY} {HEAT2D_PY} --nx 32 --ny 32 --steps 1000000",
@@ -247,7 +267,8 @@ def _fake_ray(slurm: dict[str, str], tmp_path: Path, fail_first: int) -> dict[st
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     return {**slurm, "INSITU_RAY": str(ray), "SLURMD_NODENAME": "node1",
-            "SLURM_JOB_NODELIST": "node[1-3]", "INSITU_EMULATED_NODES": "1", "INSITU_RAY_BASE": "35000", "INSITU_RAY_STRIDE": "74",
+            "SLURM_JOB_NODELIST": "node[1-3]", "INSITU_EMULATED_NODES": "1", "INSITU_RAY_BASE": "35000",
+            "INSITU_RAY_STRIDE": "74",
             "INSITU_STORE_BYTES": str(80 << 20), "INSITU_RAY_TMP": str(tmp_path / "raytmp"),
             "INSITU_JOB_DIR": str(job_dir), "INSITU_RAY_START_TRIES": "3"}  # fmt: skip
 
