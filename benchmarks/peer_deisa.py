@@ -1,7 +1,7 @@
 """deisa-ray peer: the benchmark simulation and the global-mean analytics on deisa-ray.
 
 deisa-ray needs Python >= 3.12 and pins its own dask, so it runs in its own virtualenv
-(built by ``benchmarks/run.py``, section ``deisa``) against its own single-raylet Ray
+(built by ``benchmarks/sections_peers.py``, section ``deisa``) against its own single-raylet Ray
 cluster started from that virtualenv (a Ray driver must run the cluster's Python).
 
 Modes (run with the virtualenv's Python, the repository on ``PYTHONPATH``)::
@@ -102,12 +102,29 @@ def _one(case: dict[str, Any], opt: dict[str, Any], work: Path) -> dict[str, Any
 
 
 def orchestrate(opt: dict[str, Any]) -> int:
-    """One fresh cluster per size (deisa-ray's detached actors outlive a run); JSON rows to ``out``."""
+    """One fresh cluster per case (deisa-ray's detached actors outlive a run); JSON rows to ``out``.
+
+    A failed case is run again on a fresh cluster, at most ``opt["retries"]`` times; its row
+    records ``attempts`` and the earlier errors (``retry_errors``), or ``error`` if all failed.
+    """
     work = Path(tempfile.mkdtemp(prefix="deisa-"))
     rows: list[dict[str, Any]] = []
+    tries = opt.get("retries", 2) + 1
     try:
         for case in opt["cases"]:
-            rows.append(_one(case, opt, work))
+            errors: list[str] = []
+            for attempt in range(1, tries + 1):
+                try:
+                    row = {**_one(case, opt, work), "attempts": attempt}
+                except Exception as exc:  # noqa: BLE001 - recorded in the row and retried
+                    errors.append(f"{type(exc).__name__}: {str(exc)[-600:]}")
+                    continue
+                if errors:
+                    row["retry_errors"] = errors
+                break
+            else:
+                row = {**case, "error": errors[-1], "attempts": tries, "retry_errors": errors}
+            rows.append(row)
             Path(opt["out"]).write_text(json.dumps(rows))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,9 @@
 """Benchmark simulation: every rank sends a block of CHUNK bytes per step and times each send.
 
 Usage (under mpiexec): ``python sim_bench.py '<json options>'``; writes ``rank<r>.json`` into
-``options["out"]`` with the per-step send times, loop times and (rank 0) the wall time of the first send.
+``options["out"]`` with the per-step send times, loop times, the CPU time of the measured loop,
+the RSS before and after the set-up and (rank 0) the wall times of the end of the set-up (after a
+barrier: every rank is ready) and of the first send.
 """
 
 from __future__ import annotations
@@ -58,8 +60,12 @@ def main() -> int:
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sends, loops = [], []
     world.Barrier()
+    ready_wall = time.time()  # every rank has finished its set-up
     first_send_wall = None
+    cpu0 = 0.0
     for step in range(warmup + steps):
+        if step == warmup:
+            cpu0 = time.process_time()
         t0 = time.perf_counter()
         if pace == "sleep":
             time.sleep(pace_arg)
@@ -87,6 +93,7 @@ def main() -> int:
         if step >= warmup:
             sends.append(t2 - t1)
             loops.append(t2 - t0)
+    loop_cpu = time.process_time() - cpu0
     if bridge is not None:
         bridge.close()
     if adios_stream is not None:
@@ -104,6 +111,8 @@ def main() -> int:
         "send_s": sends,
         "loop_s": loops,
         "first_send_wall": first_send_wall,
+        "ready_wall": ready_wall,
+        "loop_cpu_s": loop_cpu,
         "init_s": init_s,
         "rss_before_kb": rss0,
         "rss_after_init_kb": rss1,
