@@ -9,7 +9,6 @@ no Ray start-up.
 from __future__ import annotations
 
 import logging
-import operator
 import time
 import warnings
 from collections import deque
@@ -42,12 +41,13 @@ from insitu.messages import (
     Wire,
 )
 from insitu.transport import RankChannel, StagingFile, align
+from insitu.validate import NO_STEP, as_specs, check_send, kept_signals
 
 __all__ = ["Bridge", "BridgeStats"]
 
 log = logging.getLogger(__name__)
 
-_NO_STEP = -(2**62)
+_NO_STEP = NO_STEP
 # Slots of the one allreduce per step (reduced with MAX; "min" values are negated).
 _ERR, _STEP_MAX, _STEP_MIN, _COMPLETED, _VERSION, _FAILED, _NO_SLOT, _TIMED_OUT, _STATE = range(9)
 
@@ -59,20 +59,6 @@ class BridgeStats:
     sent: int
     skipped: int
     dropped: int
-
-
-def _as_specs(arrays: Iterable[ArraySpec] | Mapping[str, ArraySpec]) -> dict[str, ArraySpec]:
-    items = list(arrays.values()) if isinstance(arrays, Mapping) else list(arrays)
-    out: dict[str, ArraySpec] = {}
-    for spec in items:
-        if not isinstance(spec, ArraySpec):
-            raise ContractError(f"arrays must be insitu.ArraySpec objects; got {type(spec).__name__}")
-        if spec.name in out:
-            raise ContractError(f"array {spec.name!r} is declared twice on this rank")
-        out[spec.name] = spec
-    if not out:
-        raise ContractError("a Bridge needs at least one ArraySpec")
-    return out
 
 
 class Bridge:
@@ -123,9 +109,21 @@ class Bridge:
         config: Config | None = None,
         **overrides: Any,
     ) -> None:
+        self._closed = True
+        self._comm: Any = None
+        with kept_signals():  # the simulation's signal handlers stay its own
+            self._init(arrays, comm, run, config, overrides)
+
+    def _init(
+        self,
+        arrays: Iterable[ArraySpec] | Mapping[str, ArraySpec],
+        comm: Any,
+        run: str | None,
+        config: Config | None,
+        overrides: dict[str, Any],
+    ) -> None:
         from mpi4py import MPI
 
-        self._closed = True
         self._comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
@@ -137,13 +135,14 @@ class Bridge:
         cfg = Config()
         try:
             cfg = (config or Config.from_env()).replace(**{k: v for k, v in overrides.items() if v is not None})
-            specs = _as_specs(arrays)
+            specs = as_specs(arrays)
             self.run: str = resolve_run(run, cfg)
             problem = launcher_mismatch(MPI.COMM_WORLD.Get_size())
-            if problem:
-                raise ContractError(problem)
+            local = ContractError(problem) if problem else None
         except InsituError as exc:
             local = exc
+        except Exception as exc:  # noqa: BLE001 - e.g. an unknown override: agreed below, never raised alone
+            local = ContractError(f"{type(exc).__name__}: {exc}")
         self.config = cfg
         self._specs = specs
         if self.rank == 0 and local is None:
@@ -154,7 +153,7 @@ class Bridge:
                 self._driver, _ = connect_driver(self.run, cfg)
             except InsituError as exc:
                 local = exc
-            except OSError as exc:  # carried into the collective, never raised alone
+            except Exception as exc:  # noqa: BLE001 - carried into the collective, never raised alone
                 local = ContractError(f"cannot start the run driver of run {self.run!r}: {exc}")
         mine = (
             None if local is None else f"{type(local).__name__}: {local}",
@@ -163,7 +162,12 @@ class Bridge:
             getattr(self, "run", None),
         )
         gathered = self._comm.gather(mine, root=0)
-        result = self._setup_root(gathered) if self.rank == 0 else None  # type: ignore[arg-type]
+        result: Any = None
+        if self.rank == 0:
+            try:
+                result = self._setup_root(gathered)
+            except Exception as exc:  # noqa: BLE001 - the verdict must reach every rank
+                result = ("error", f"rank 0: set-up failed: {type(exc).__name__}: {exc}")
         result = self._comm.bcast(result, root=0)
         if result[0] == "error":
             self._release()
@@ -178,7 +182,8 @@ class Bridge:
         self._state_seen = AnalyticsState.PENDING
         self._failure_seen = ""
         self._broken = ""
-        self._log: dict[int, SteeringUpdate] = {}
+        self._log: dict[int, SteeringUpdate] = {}  # received, not yet applied (compacted on apply)
+        self._seen_version = 0
         self._applied_version = 0
         self._values: dict[str, Any] = {}
         self._analytics_ok = True
@@ -195,6 +200,7 @@ class Bridge:
             local = ContractError(f"cannot reach the node actor of node {self.node[:12]}: {type(exc).__name__}: {exc}")
         try:
             agree(self._comm, local)
+            self._catch_up(time.monotonic() + max(cfg.deadline, cfg.startup_deadline))
         except InsituError:
             if self.rank == 0:
                 self._abort("a rank could not reach its node actor")
@@ -304,7 +310,9 @@ class Bridge:
                 if st.failure:
                     self._failure_seen = st.failure
                 for u in st.updates:
-                    self._log[u.version] = u
+                    if u.version > self._applied_version:
+                        self._log[u.version] = u
+                    self._seen_version = max(self._seen_version, u.version)
             elif tag == Wire.ERROR:
                 self._broken = m[1]
         if self._channel is not None and self._channel.closed and not self._broken:
@@ -318,34 +326,8 @@ class Bridge:
 
     # -- per step -------------------------------------------------------------------------
     def _check(self, step: Any, arrays: Mapping[str, Any]) -> tuple[int, SendError | None]:
-        try:
-            step = operator.index(step)
-        except TypeError:
-            return 0, SendError(f"step must be an integer; got {type(step).__name__}")
-        if step <= self._last_step:
-            return step, SendError(f"step {step} does not increase (the previous step was {self._last_step})")
-        unknown = sorted(set(arrays) - set(self._specs))
-        if unknown:
-            return step, SendError(f"unknown array(s) {unknown}; declared: {sorted(self._specs)}")
-        for name, spec in self._specs.items():
-            value = arrays.get(name)
-            if not spec.owns_block:
-                if value is not None and np.size(value) != 0:
-                    return step, SendError(f"sent {name!r} although it owns no block of it (send None or omit it)")
-                continue
-            if value is None:
-                return step, SendError(
-                    f"array {name!r} is missing (this rank owns block {self._layouts[name].block_of(self.rank)})"
-                )
-            if not isinstance(value, np.ndarray):
-                return step, SendError(f"{name!r} must be a numpy.ndarray; got {type(value).__name__}")
-            if value.shape != spec.shape:
-                return step, SendError(
-                    f"sent {name!r} with shape {value.shape}; its declared block is {spec.shape} at {spec.start}"
-                )
-            if value.dtype != spec.dtype:
-                return step, SendError(f"sent {name!r} with dtype {value.dtype}; declared {spec.dtype}")
-        return step, None
+        blocks = {n: self._layouts[n].block_of(self.rank) for n in self._specs}
+        return check_send(step, arrays, self._specs, blocks, self._last_step)
 
     def _reduce(self, step: int, error: bool, timed_out: bool, gentle: bool = False) -> np.ndarray:
         """The one allreduce of a step (see the slot constants above).
@@ -361,7 +343,7 @@ class Bridge:
         v[_STEP_MAX] = step
         v[_STEP_MIN] = -step
         v[_COMPLETED] = -self._completed_seen
-        v[_VERSION] = -max(self._log, default=0)
+        v[_VERSION] = -self._seen_version
         v[_FAILED] = int(bool(self._broken) or self._state_seen >= AnalyticsState.DETACHED)
         v[_NO_SLOT] = int(not self._free)
         v[_TIMED_OUT] = int(timed_out)
@@ -377,11 +359,36 @@ class Bridge:
         return self._agreed
 
     def _apply_steering(self, version: int) -> None:
-        while self._applied_version < version:
-            self._applied_version += 1
-            u = self._log.get(self._applied_version)
-            if u is not None:
-                self._values[u.key] = u.value
+        """Apply the updates up to the agreed ``version``; applied ones leave the log (its size
+        is the updates in flight, whatever the number of updates of the run)."""
+        if version <= self._applied_version:
+            return
+        for v in sorted(v for v in self._log if v <= version):
+            u = self._log.pop(v)
+            self._values[u.key] = u.value
+        self._applied_version = version
+
+    def _catch_up(self, end: float) -> None:
+        """Collective, at set-up: wait until this rank has seen every steering version any rank saw.
+
+        A rank connecting later gets its node's log compacted to the last value per key; every
+        agreed version is at least the newest such snapshot, so no rank ever needs a value a
+        snapshot dropped (statuses reach all nodes in the same order).
+        """
+        from mpi4py import MPI
+
+        mine = np.array([self._seen_version, 0], dtype=np.int64)
+        most = np.empty_like(mine)
+        self._comm.Allreduce(mine, most, op=MPI.MAX)
+        while self._seen_version < most[0] and not self._broken and time.monotonic() < end:
+            self._drain(0.01)
+        newest = int(most[0])
+        mine[:] = (0, int(self._seen_version < newest))
+        self._comm.Allreduce(mine, most, op=MPI.MAX)
+        if most[1]:
+            raise StepTimeoutError(
+                f"run {self.run!r}: a rank did not receive steering version {newest} from its node during set-up"
+            )
 
     def send(self, step: int, **arrays: Any) -> None:
         """Hand this rank's blocks of ``step`` to the analytics (collective).
@@ -519,10 +526,12 @@ class Bridge:
 
     # -- end -------------------------------------------------------------------------------
     def close(self) -> None:
-        """End the stream for this rank (not collective).
+        """End the stream for this rank (not collective: makes no MPI call).
 
         Returns once every step this rank sent is held by its node actor; the data
-        stays readable by the analytics after this process exits.
+        stays readable by the analytics after this process exits. The bridge's duplicate
+        of the communicator is not freed here (``MPI_Comm_free`` is collective, and one
+        rank may close while others still run or have failed): ``MPI_Finalize`` releases it.
         """
         if self._closed:
             return
@@ -543,11 +552,13 @@ class Bridge:
         except OSError as exc:
             problem = f"run {self.run!r}: close of rank {self.rank} failed: {exc}"
         finally:
-            self._release()
+            self._release(collective=False)
         if problem:
             raise StepTimeoutError(problem)
 
-    def _release(self) -> None:
+    def _release(self, collective: bool = True) -> None:
+        """Release this rank's resources; ``collective`` (every rank of the bridge is here, as
+        on an agreed set-up failure) also frees the duplicated communicator."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -556,9 +567,9 @@ class Bridge:
             self._staging.close()
             self._staging = None
         self._leave_driver()
-        if self._comm is not None:
+        if self._comm is not None and collective:
             self._comm.Free()
-            self._comm = None
+        self._comm = None
 
     def __enter__(self) -> Bridge:
         return self

@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,12 +34,22 @@ __all__ = ["ArrayLayout", "ArraySpec", "validate_layout"]
 
 def _shape(value: Any, what: str, name: str) -> tuple[int, ...]:
     try:
-        out = tuple(int(v) for v in value)
+        out = tuple(operator.index(v) for v in value)
     except TypeError:
         raise ContractError(f"array {name!r}: {what} must be a sequence of integers; got {value!r}") from None
     if any(v < 0 for v in out):
         raise ContractError(f"array {name!r}: {what} must not be negative; got {out}")
     return out
+
+
+def _cart_local(name: str, local_shape: Any, ndims: int) -> tuple[int, ...]:
+    local = _shape(local_shape, "local_shape", name)
+    if len(local) != ndims:
+        raise ContractError(
+            f"array {name!r}: local_shape {local} has {len(local)} axes but the Cartesian "
+            f"communicator has {ndims} dimensions"
+        )
+    return local
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,25 +151,33 @@ class ArraySpec:
         >>> cart = MPI.COMM_WORLD.Create_cart([2, 2])  # doctest: +SKIP
         >>> spec = ArraySpec.from_cart("u", cart, (64, 64), "f8")  # doctest: +SKIP
         """
-        local = _shape(local_shape, "local_shape", name)
+        from insitu.comm import raise_common
+
         dims = list(cart.Get_topo()[0])
-        if len(local) != len(dims):
-            raise ContractError(
-                f"array {name!r}: local_shape {local} has {len(local)} axes but the Cartesian "
-                f"communicator has {len(dims)} dimensions"
-            )
         coords = tuple(cart.Get_coords(cart.Get_rank()))
-        everyone = cart.allgather((coords, local))
+        local: tuple[int, ...] = ()
+        problem = None
+        try:  # every local problem is agreed below: no rank leaves the collective alone
+            local = _cart_local(name, local_shape, len(dims))
+            cls.no_block(name, local, dtype)  # name and dtype, checked before the collective
+        except ContractError as exc:
+            problem = (cart.Get_rank(), type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - agreed like any other problem, never raised alone
+            problem = (cart.Get_rank(), "ContractError", f"array {name!r}: {type(exc).__name__}: {exc}")
+        everyone = cart.allgather((coords, local, problem))
+        raise_common([p for _, _, p in everyone])
         start, gshape = [], []
         for axis, ndim in enumerate(dims):
             extent: dict[int, set[int]] = defaultdict(set)
-            for c, shp in everyone:
+            for c, shp, _ in everyone:
                 extent[c[axis]].add(shp[axis])
             bad = {c: sorted(v) for c, v in extent.items() if len(v) > 1}
             if bad:
+                who = [f"rank {r}: {shp[axis]}" for r, (c, shp, _) in enumerate(everyone) if c[axis] in bad]
                 raise ContractError(
                     f"array {name!r}: ranks in the same slab of axis {axis} declare different "
-                    f"local extents {bad}; along an axis all ranks at one coordinate must agree"
+                    f"local extents {bad} ({', '.join(who[:8])}); along an axis all ranks at one "
+                    "coordinate must agree"
                 )
             sizes = [next(iter(extent[c])) for c in range(ndim)]
             start.append(sum(sizes[: coords[axis]]))

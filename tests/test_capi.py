@@ -59,6 +59,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "bad": base / "bad_calls",
         "stub": base / "heat2d_stub",
         "mpiver": base / "mpi_version",
+        "signals": base / "signals",
     }
     _run([MPICC, "-O2", "-Wall", "-Werror", str(DATA / "examples/c/heat2d.c"), *cflags, *libs, "-lm", "-o",
           str(exe["c"])])  # fmt: skip
@@ -66,6 +67,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _run([MPIF90, "-O2", str(DATA / "examples/fortran/heat2d.f90"), str(base / "insitu.o"), *libs, "-o",
           str(exe["f"])], cwd=base)  # fmt: skip
     _run([MPICC, "-Wall", str(TESTS / "bad_calls.c"), *cflags, *libs, "-o", str(exe["bad"])])
+    _run([MPICC, "-Wall", "-Werror", str(TESTS / "signals.c"), *cflags, *libs, "-o", str(exe["signals"])])
     py_inc, py_lib, py_ver = (sysconfig.get_paths()["include"], sysconfig.get_config_var("LIBDIR"),
                               sysconfig.get_config_var("LDVERSION"))  # fmt: skip
     embed = [f"-I{py_inc}", f"-L{py_lib}", f"-Wl,-rpath,{py_lib}", f"-lpython{py_ver}"]  # the same libpython
@@ -241,3 +243,58 @@ def test_status_codes_match_the_header() -> None:
     values = {m[1]: int(m[2]) for m in re.finditer(r"INSITU_(\w+) = (\d+)", header)}
     for status in CStatus:
         assert values[status.name] == status.value, status
+
+
+def _lines(stdout: str) -> dict[tuple[str, int], str]:
+    """``<what> <value> <rank>[ | message]`` lines of tests/capi/signals.c."""
+    got: dict[tuple[str, int], str] = {}
+    for line in stdout.splitlines():
+        m = re.match(r"([\w-]+) (\S+) (\d+)(?: \| (.*))?$", line)
+        if m:
+            got[(m[1], int(m[3]))] = m[2] if m[4] is None else f"{m[2]} | {m[4]}".rstrip()
+    return got
+
+
+@needs_mpich
+def test_the_simulations_signal_handlers_survive_init_and_its_sigterm_handler_runs_on_every_rank(
+    cluster: Any, built: dict[str, Any]
+) -> None:
+    run = run_name("capisig")
+    # no analytics: steps beyond the in-flight limit are skipped, not waited for
+    settings = {**cluster.environment(), "INSITU_DEADLINE": "60", "INSITU_RECLAIM_DEADLINE": "10",
+                "INSITU_BACKPRESSURE": "skip"}  # fmt: skip
+    cmd = _mpiexec(4, cluster.node_ips[:1], [str(built["exe"]["signals"]), run])
+    proc = subprocess.run(cmd, env=_clean_env(built, settings), capture_output=True, text=True, timeout=180,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = _lines(proc.stdout)
+    for rank in range(4):
+        assert got[("init", rank)] == "INSITU_OK |", proc.stdout[-3000:]
+        for sig in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
+            assert got[(f"sigaction-{sig}", rank)] == "kept", (sig, rank, proc.stdout[-3000:])
+            assert got[(f"final-{sig}", rank)] == "kept", (sig, rank, proc.stdout[-3000:])
+        assert got[("terminated", rank)] == "1"  # the simulation's own SIGTERM handler ran
+        assert got[("last_step", rank)] == "2"  # at the step it was sent, on every rank
+        assert got[("finalize", rank)] == "INSITU_OK |"
+        assert ("send", rank) not in got  # every step before the signal was sent
+
+
+@needs_mpich
+def test_python_failing_to_start_on_one_rank_fails_init_on_every_rank_naming_it(built: dict[str, Any]) -> None:
+    exe = str(built["exe"]["signals"])
+    assert MPIEXEC
+    # MPMD: ranks 0-2 start their embedded Python; rank 3's cannot (no standard library there)
+    cmd = [MPIEXEC, "-n", "3", exe, "r", ":", "-n", "1", "-env", "PYTHONHOME", "/nonexistent", exe, "r"]
+    settings = {"INSITU_ADDRESS": "127.0.0.1:1", "INSITU_DEADLINE": "5", "INSITU_STARTUP_DEADLINE": "5"}
+    proc = subprocess.run(cmd, env=_clean_env(built, settings), capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = _lines(proc.stdout)
+    for rank in range(4):
+        status, _, message = got[("init", rank)].partition(" | ")
+        assert status == "INSITU_ERR_RUNTIME", got[("init", rank)]
+        assert message.startswith("rank 3: the embedded Python could not start"), message
+        assert got[("send", rank)].startswith("INSITU_DISABLED")  # the next calls work: no-ops, no hang
+        assert got[("finalize", rank)] == "INSITU_OK |"
+        assert got[("sigaction-SIGTERM", rank)] == "kept"
+    assert "failed to get the Python codec" in got[("init", 3)]  # the failing rank also says why

@@ -73,7 +73,7 @@ def test_launcher_task_count_mismatch(cluster: Any, tmp_path: Any) -> None:
 
 def test_every_bad_input_raises_everywhere_and_the_run_goes_on(cluster: Any) -> None:
     run = run_name("badinput")
-    kinds = ["shape", "dtype", "unknown", "missing", "notarray", "step", "mismatch"]
+    kinds = ["shape", "dtype", "unknown", "missing", "notarray", "step", "mismatch", "ragged", "dict", "bigstep"]
     faults = {str(i + 1): {"rank": 1, "kind": k} for i, k in enumerate(kinds)}
     steps = len(kinds) + 3
     proc = start_sim(cluster, 4, {"run": run, "steps": steps, "faults": faults})
@@ -92,6 +92,9 @@ def test_every_bad_input_raises_everywhere_and_the_run_goes_on(cluster: Any) -> 
         "notarray": "SendError: rank 1: 'u' must be a numpy.ndarray; got list",
         "step": "SendError: rank 1: step -1 does not increase",
         "mismatch": "SendError: ranks 0, 1, 2, 3: ranks passed different steps (7 to 1007)",
+        "ragged": "SendError: rank 1: 'u' must be a numpy.ndarray; got list",
+        "dict": "SendError: rank 1: 'u' must be a numpy.ndarray; got dict",
+        "bigstep": "SendError: rank 1: step 9223372036854775808 is outside the 64-bit range of steps",
     }
     for i, kind in enumerate(kinds):
         per_rank = {r: next(e["error"] for e in evs if e["step"] == i + 1) for r, evs in errors.items()}

@@ -145,9 +145,10 @@ def test_from_cart_matches_validate_layout(nx: int, ny: int, px: int, py: int) -
     def size(n: int, p: int, i: int) -> int:
         return n // p + (1 if i < n % p else 0)
 
-    everyone = [((i, j), (size(nx, px, i), size(ny, py, j))) for i in range(px) for j in range(py)]
+    # what every rank contributes to the collective: coordinates, local shape, local problem
+    everyone = [((i, j), (size(nx, px, i), size(ny, py, j)), None) for i in range(px) for j in range(py)]
     specs = []
-    for coords, local in everyone:
+    for coords, local, _ in everyone:
         specs.append({"u": ArraySpec.from_cart("u", FakeCart([px, py], coords, everyone), local, "f8")})
     if all(not s["u"].owns_block for s in specs):
         return

@@ -87,7 +87,42 @@ def test_a_rank_whose_extent_breaks_the_grid_is_refused_on_every_rank() -> None:
     local = (5, 5) if cart.rank == cart.size - 1 else (4, 4)
     with pytest.raises(ContractError) as exc:
         ArraySpec.from_cart("u", cart, local, "f8")
-    assert "ranks in the same slab of axis 0 declare different local extents" in _same_everywhere(cart, exc)
+    message = _same_everywhere(cart, exc)
+    assert "ranks in the same slab of axis 0 declare different local extents" in message
+    assert f"rank {cart.size - 1}: 5" in message, message
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize(
+    ("bad_shape", "expected"),
+    [
+        ((4,), "local_shape (4,) has 1 axes but the Cartesian communicator has 2 dimensions"),
+        ((4, 4, 4), "local_shape (4, 4, 4) has 3 axes but the Cartesian communicator has 2 dimensions"),
+        ((4, -1), "local_shape must not be negative; got (4, -1)"),
+        ("ab", "local_shape must be a sequence of integers"),
+    ],
+)
+def test_from_cart_with_a_bad_shape_on_one_rank_fails_on_every_rank_and_the_next_call_works(
+    bad_shape: Any, expected: str
+) -> None:
+    cart = _cart()
+    bad = cart.size - 1
+    with pytest.raises(ContractError) as exc:
+        ArraySpec.from_cart("u", cart, bad_shape if cart.rank == bad else (4, 4), "f8")
+    message = _same_everywhere(cart, exc)
+    assert message.startswith(f"rank {bad}: array 'u': "), message
+    assert expected in message, message
+    spec = ArraySpec.from_cart("u", cart, (4, 4), "f8")  # nobody was left inside the collective
+    dims = cart.Get_topo()[0]
+    assert spec.global_shape == (4 * dims[0], 4 * dims[1])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_from_cart_with_a_bad_dtype_on_one_rank_names_it_on_every_rank() -> None:
+    cart = _cart()
+    with pytest.raises(ContractError) as exc:
+        ArraySpec.from_cart("u", cart, (4, 4), object if cart.rank == 1 else "f8")
+    assert _same_everywhere(cart, exc).startswith("rank 1: array 'u': object dtypes cannot be shared")
 
 
 @pytest.mark.mpi(min_size=2)

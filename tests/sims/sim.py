@@ -110,6 +110,12 @@ def main() -> int:
                 kwargs.pop("u")
             elif kind == "notarray":
                 kwargs["u"] = u.tolist()
+            elif kind == "ragged":
+                kwargs["u"] = [[1.0, 2.0], [3.0]]
+            elif kind == "dict":
+                kwargs["u"] = {"u": u}
+            elif kind == "bigstep":
+                send_step = 2**63
             elif kind == "step":
                 send_step = -1
             elif kind == "mismatch":

@@ -69,6 +69,14 @@ module insitu
             type(c_ptr), value :: arrays
             type(c_ptr) :: bridge
         end function c_init
+        integer(c_int) function c_start() bind(C, name="insitu_start")
+            import :: c_int
+        end function c_start
+        integer(c_int) function c_start_failed(failed_rank, bridge) bind(C, name="insitu_start_failed")
+            import :: c_int, c_ptr
+            integer(c_int), value :: failed_rank
+            type(c_ptr) :: bridge
+        end function c_start_failed
         integer(c_int) function c_send(bridge, step, nfields, fields) bind(C, name="insitu_send")
             import :: c_int, c_ptr, c_int64_t
             type(c_ptr), value :: bridge
@@ -153,6 +161,7 @@ contains
 
     !> Start insitu on communicator comm (collective). run may be '' (INSITU_RUN / SLURM job).
     subroutine insitu_init(bridge, comm, run, arrays, ierr)
+        use mpi
         type(insitu_bridge), intent(out) :: bridge
         integer, intent(in) :: comm
         character(len=*), intent(in) :: run
@@ -161,7 +170,7 @@ contains
         type(c_decl), target :: decls(size(arrays))
         character(kind=c_char, len=len_trim(run) + 1), target :: crun
         type(c_ptr) :: run_ptr
-        integer :: i
+        integer :: i, rank, mine, first, mpierr
         do i = 1, size(arrays)
             decls(i)%name = c_loc(arrays(i)%name)
             decls(i)%dtype = arrays(i)%dtype
@@ -171,6 +180,16 @@ contains
             decls(i)%start = c_null_ptr
             if (arrays(i)%has_start) decls(i)%start = c_loc(arrays(i)%start)
         end do
+        ! every rank starts its embedded Python, and the ranks agree on the outcome (one allreduce)
+        ! before calling the library: a rank whose Python cannot start fails every rank
+        call MPI_Comm_rank(comm, rank, mpierr)
+        mine = huge(mine)
+        if (c_start() /= INSITU_OK) mine = rank
+        call MPI_Allreduce(mine, first, 1, MPI_INTEGER, MPI_MIN, comm, mpierr)
+        if (first /= huge(first)) then
+            call set_ierr(c_start_failed(int(first, c_int), bridge%ptr), ierr)
+            return
+        end if
         crun = cstr(run)
         run_ptr = c_null_ptr
         if (len_trim(run) > 0) run_ptr = c_loc(crun)

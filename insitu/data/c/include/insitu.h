@@ -11,7 +11,7 @@
  *         insitu_send(b, step, 1, &f);                  // collective
  *         insitu_get_int(b, "stop", &stop, &found);     // local
  *     }
- *     insitu_finalize(&b);                               // local
+ *     insitu_finalize(&b);                               // local: no MPI call
  *
  * Build:  cc $(insitu config --cflags) sim.c $(insitu config --libs)
  * Stub:   cc -DINSITU_STUB -I<dir of this header> sim.c   (no insitu, no Python: every call is a no-op)
@@ -141,6 +141,22 @@ const char *insitu_last_error(void);
 const char *insitu_status_name(insitu_status_t status);
 
 /*
+ * Start the embedded Python of this process (once; later calls return at once). Not
+ * collective. insitu_init calls it on every rank and agrees on the outcome with one
+ * MPI_Allreduce before anything else, so a rank whose Python cannot start (e.g. a bad
+ * INSITU_PYTHON) fails insitu_init on every rank, never alone. The simulation's handlers
+ * of SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 are left as they were (CPython installs none).
+ */
+insitu_status_t insitu_start(void);
+
+/*
+ * Make *bridge a disabled bridge because the embedded Python of rank `failed_rank` could
+ * not start; returns INSITU_ERR_RUNTIME with a message naming that rank. Called by
+ * insitu_init on every rank after the agreement on insitu_start; not collective itself.
+ */
+insitu_status_t insitu_start_failed(int failed_rank, insitu_bridge_t **bridge);
+
+/*
  * Start insitu on communicator `comm_f` (a Fortran handle: MPI_Comm_c2f(comm); use the
  * insitu_init macro from C). COLLECTIVE over comm. Connects to the Ray cluster named by
  * INSITU_ADDRESS (see `insitu config`), checks the declarations of all ranks and sets
@@ -174,7 +190,8 @@ insitu_status_t insitu_get_string(insitu_bridge_t *bridge, const char *key, char
 
 /*
  * End the stream for this rank and release the bridge; sets *bridge to NULL. Not
- * collective (one rank may finalize while others still run). Returns once the data this
+ * collective and makes no MPI call (one rank may finalize while others still run or
+ * failed): the bridge's duplicate of the communicator is released by MPI_Finalize. Returns once the data this
  * rank sent are held by its node; safe to call on a disabled bridge. A second call with
  * the same (now NULL) pointer returns INSITU_ERR_STATE.
  */
@@ -185,10 +202,19 @@ insitu_status_t insitu_finalize(insitu_bridge_t **bridge);
 #endif
 
 #ifndef INSITU_NO_MPI /* defined only when building libinsitu itself, which never calls MPI */
+#include <limits.h>
 #include <mpi.h>
-/* C entry point taking an MPI_Comm. COLLECTIVE (see insitu_init_f). */
+/* C entry point taking an MPI_Comm. COLLECTIVE (see insitu_init_f): every rank starts its
+ * embedded Python (insitu_start) and the ranks agree on the outcome with one MPI_Allreduce
+ * before calling the library, so one rank whose Python cannot start fails every rank with
+ * INSITU_ERR_RUNTIME naming the lowest such rank. */
 static inline insitu_status_t insitu_init(MPI_Comm comm, const char *run, int narrays,
                                           const insitu_array_decl_t *arrays, insitu_bridge_t **bridge) {
+    int rank = 0, first = INT_MAX;
+    MPI_Comm_rank(comm, &rank);
+    int mine = insitu_start() == INSITU_OK ? INT_MAX : rank;
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
+    if (first != INT_MAX) return insitu_start_failed(first, bridge);
     return insitu_init_f((int)MPI_Comm_c2f(comm), run, narrays, arrays, bridge);
 }
 #endif

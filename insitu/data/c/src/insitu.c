@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,25 @@ struct insitu_bridge {
 static _Thread_local char last_error[2048];
 static PyObject *capi = NULL; /* the insitu.capi module */
 static int python_failed = 0;
+
+/* The simulation's signals: whatever the embedded Python (or a module it imports) does,
+ * these handlers are what the simulation set once an insitu call returns. */
+static const int kept_signals[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2};
+#define N_KEPT (sizeof kept_signals / sizeof kept_signals[0])
+
+struct saved_signals {
+    struct sigaction action[N_KEPT];
+    int ok[N_KEPT];
+};
+
+static void save_signals(struct saved_signals *s) {
+    for (size_t i = 0; i < N_KEPT; i++) s->ok[i] = sigaction(kept_signals[i], NULL, &s->action[i]) == 0;
+}
+
+static void restore_signals(const struct saved_signals *s) {
+    for (size_t i = 0; i < N_KEPT; i++)
+        if (s->ok[i]) sigaction(kept_signals[i], &s->action[i], NULL);
+}
 
 static insitu_status_t fail(insitu_status_t status, const char *fmt, const char *arg) {
     snprintf(last_error, sizeof last_error, fmt, arg ? arg : "");
@@ -169,7 +189,46 @@ const char *insitu_status_name(insitu_status_t status) {
     return names[status];
 }
 
+insitu_status_t insitu_start(void) {
+    struct saved_signals saved;
+    save_signals(&saved);
+    insitu_status_t status = ensure_python();
+    restore_signals(&saved);
+    if (status == INSITU_OK) return ok();
+    return status;
+}
+
+insitu_status_t insitu_start_failed(int failed_rank, insitu_bridge_t **bridge) {
+    char mine[1536];
+    snprintf(mine, sizeof mine, "%s", python_failed ? last_error : "");
+    snprintf(last_error, sizeof last_error,
+             "rank %d: the embedded Python could not start%s%s; insitu is disabled for the rest of the run",
+             failed_rank, mine[0] ? ": " : "", mine);
+    if (bridge != NULL) {
+        insitu_bridge_t *b = calloc(1, sizeof *b);
+        if (b != NULL) {
+            b->magic = MAGIC;
+            b->state = DISABLED;
+        }
+        *bridge = b;
+    }
+    fprintf(stderr, "insitu: error: %s\n", last_error);
+    return INSITU_ERR_RUNTIME;
+}
+
+static insitu_status_t init_f(int comm_f, const char *run, int narrays, const insitu_array_decl_t *arrays,
+                              insitu_bridge_t **bridge);
+
 insitu_status_t insitu_init_f(int comm_f, const char *run, int narrays, const insitu_array_decl_t *arrays,
+                              insitu_bridge_t **bridge) {
+    struct saved_signals saved;
+    save_signals(&saved);
+    insitu_status_t status = init_f(comm_f, run, narrays, arrays, bridge);
+    restore_signals(&saved);
+    return status;
+}
+
+static insitu_status_t init_f(int comm_f, const char *run, int narrays, const insitu_array_decl_t *arrays,
                               insitu_bridge_t **bridge) {
     if (bridge == NULL) return fail(INSITU_ERR_NULL, "%s", "bridge (the output pointer) is NULL");
     *bridge = NULL;
@@ -296,12 +355,15 @@ insitu_status_t insitu_finalize(insitu_bridge_t **bridge) {
     if (b->state == FINALIZED) return fail(INSITU_ERR_STATE, "%s", "the bridge was already finalized");
     insitu_status_t status = ok();
     if (b->handle != NULL) {
+        struct saved_signals saved;
+        save_signals(&saved);
         PyGILState_STATE gil = PyGILState_Ensure();
         PyObject *result = PyObject_CallMethod(capi, "finalize", "O", b->handle);
         status = take_status(result);
         Py_XDECREF(result);
         Py_CLEAR(b->handle);
         PyGILState_Release(gil);
+        restore_signals(&saved);
     }
     /* the few bytes of the handle are kept so that a stale copy of the pointer gets
      * INSITU_ERR_STATE instead of a use-after-free */
