@@ -111,6 +111,7 @@ class Analytics:
         self._head: Any = None
         self._link: Any = None
         self._consumer = 0
+        self._seq = 0  # messages of this consumer incarnation to the head (set/done/fail/detach), in order
         self._history: tuple[StepData, ...] = ()
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
         self._owns_ray = False
@@ -209,7 +210,8 @@ class Analytics:
         if self._in_callback:
             self._sets.append((key, value))  # sent with the step's completion
         else:
-            self._head.set.remote(key, value, -1 if self._step is None else self._step)
+            step = -1 if self._step is None else self._step
+            self._head.set.remote(key, value, step, self._consumer, self._next_seq())
 
     # -- run loop ---------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -238,6 +240,7 @@ class Analytics:
                 self._head.attach.remote(self._link, self.windows(), "analytics"), timeout=self.config.deadline
             )
             self._consumer = attached.consumer
+            self._seq = 0
             self.info = self._wait_info()
             self._check_arrays(self.info)
             for data in attached.history:  # attached to a live run: windows refilled from retained steps
@@ -245,6 +248,13 @@ class Analytics:
             return self._loop()
         finally:
             self._leave()
+
+    def _next_seq(self) -> int | None:
+        """The next sequence number of this consumer's messages (``None`` before it attached)."""
+        if not self._consumer:
+            return None
+        self._seq += 1
+        return self._seq - 1
 
     def _wait_info(self) -> RunInfo:
         import ray
@@ -274,7 +284,8 @@ class Analytics:
         while True:
             done, self._done = self._done, None  # the completion travels with the next poll
             batch = ray.get(
-                self._head.next_steps.remote(self._consumer, _POLL, done), timeout=_POLL + self.config.deadline
+                self._head.next_steps.remote(self._consumer, _POLL, done, None if done is None else self._next_seq()),
+                timeout=_POLL + self.config.deadline,
             )
             if isinstance(batch, Waiting):
                 if time.monotonic() - progress > self.config.deadline:
@@ -338,7 +349,9 @@ class Analytics:
                     f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
                     f"{', '.join(cb.arrays)}: {type(exc).__name__}: {exc}"
                 )
-                self._head.fail.remote(self._consumer, message + "\n" + traceback.format_exc(limit=5))
+                self._head.fail.remote(
+                    self._consumer, message + "\n" + traceback.format_exc(limit=5), self._next_seq()
+                )
                 raise CallbackError(message, step=data.step, arrays=cb.arrays) from exc
             finally:
                 self._in_callback = False
@@ -398,9 +411,9 @@ class Analytics:
         if self._head is not None:
             try:
                 if self._done is not None:  # a completion not yet reported: before the detach
-                    ray.get(self._head.done.remote(self._consumer, *self._done), timeout=10)
+                    ray.get(self._head.done.remote(self._consumer, *self._done, self._next_seq()), timeout=10)
                     self._done = None
-                ray.get(self._head.detach.remote(self._consumer), timeout=10)
+                ray.get(self._head.detach.remote(self._consumer, self._next_seq()), timeout=10)
             except Exception:  # the head may already be gone; nothing left to detach from
                 log.debug("head of run %s gone before detach", self.run_name)
         if self._link is not None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -67,8 +68,10 @@ class HeadActor:
         self._nodes: dict[str, Any] = {}
         self._partial: dict[int, dict[str, NodeStep]] = {}
         self._book = ConsumerBook()
-        self._updates: list[SteeringUpdate] = []
-        self._pushed = 0
+        self._steering: dict[str, SteeringUpdate] = {}  # the last update per key, in version order
+        self._unpushed: dict[str, SteeringUpdate] = {}  # the same, since the last status push
+        self._version = 0
+        self._consumer_order: InOrder[Callable[[], None]] = InOrder()  # each consumer's messages, in its order
         self._seq = 0
         self._units: dict[str, Any] = {}  # what reports to the head: nodes, or the top step relays
         self._relays: dict[str, Any] = {}  # every step relay of the run (insitu.actors.relay)
@@ -97,14 +100,16 @@ class HeadActor:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     def _status(self, full: bool = False) -> Status:
-        updates = tuple(self._updates if full else self._updates[self._pushed :])
+        # compacted to the last value per key: a push, or a snapshot, never carries a superseded value;
+        # ranks agree on push boundaries only, so no rank ever needs one (insitu.bridge._catch_up)
+        updates = tuple((self._steering if full else self._unpushed).values())
         book = self._book
         return Status(book.completed(), book.sim_state(), updates, book.last_failure, self._seq)
 
     def _push(self) -> None:
         self._seq += 1
         status = self._status()
-        self._pushed = len(self._updates)
+        self._unpushed.clear()
         for unit in self._units.values():
             unit.update.remote(status)
 
@@ -136,7 +141,7 @@ class HeadActor:
         for rank, node in enumerate(info.rank_nodes):
             by_node.setdefault(node, []).append(rank)
         status = self._status(full=True)
-        self._pushed = len(self._updates)
+        self._unpushed.clear()
         ordered = sorted(by_node)
         for node in ordered:
             self._nodes[node] = (
@@ -311,16 +316,20 @@ class HeadActor:
             pass
 
     async def next_steps(
-        self, consumer: int, timeout: float, done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
+        self,
+        consumer: int,
+        timeout: float,
+        done: tuple[int, tuple[tuple[str, Any], ...]] | None = None,
+        seq: int | None = None,
     ) -> list[StepData | RunEnd] | Waiting:
         """Complete steps in order for ``consumer`` (handed over), or the end of the stream.
 
         ``done`` = ``(step, sets)`` reports the consumer's last finished step and the steering
         values set meanwhile (as :meth:`done` does) in the same call: one call per batch of
-        steps instead of two.
+        steps instead of two. ``seq``: the completion's place in the consumer's message order.
         """
         if done is not None:
-            self._complete(consumer, *done)
+            self._in_order(consumer, seq, lambda: self._complete(consumer, *done))
         c = self._book.consumers[consumer]
         if c.state != ConsumerState.ATTACHED:
             return [RunEnd(EndReason.ABORTED, f"consumer {consumer} is {c.state.name.lower()}: {c.failure}")]
@@ -360,33 +369,58 @@ class HeadActor:
             return f"step {step} of run {self._run!r} is incomplete: waiting for {miss}"
         return f"run {self._run!r}: no step sent since the last one (simulation busy or stalled)"
 
-    async def done(self, consumer: int, step: int, sets: tuple[tuple[str, Any], ...] = ()) -> None:
+    def _in_order(self, consumer: int, seq: int | None, apply: Callable[[], None]) -> None:
+        """Apply a consumer's message in its sequence order (Ray may run async calls out of order).
+
+        ``seq`` counts the consumer incarnation's ``set``/``done``/``fail``/``detach`` messages
+        from 0; ``None`` (a caller outside any consumer, e.g. ``insitu steer``) applies at once.
+        """
+        if seq is None:
+            apply()
+            return
+        for ready in self._consumer_order.push(str(consumer), seq, apply):
+            ready()
+
+    async def done(
+        self, consumer: int, step: int, sets: tuple[tuple[str, Any], ...] = (), seq: int | None = None
+    ) -> None:
         """``consumer`` finished every callback of ``step``, which set ``sets``.
 
         Steering values set during a step travel with its completion, so a rank that
         sees the step completed also sees them (one status push for both).
         """
-        self._complete(consumer, step, sets)
+        self._in_order(consumer, seq, lambda: self._complete(consumer, step, sets))
 
     def _complete(self, consumer: int, step: int, sets: tuple[tuple[str, Any], ...]) -> None:
         for key, value in sets:
-            self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
+            self._record(key, value, step)
         self._book.done(consumer, step)
         self._push()
 
-    async def set(self, key: str, value: Any, step: int) -> int:
-        """Record a steering value outside a callback; returns its version."""
-        self._updates.append(SteeringUpdate(len(self._updates) + 1, key, value, step))
-        self._push()
-        return len(self._updates)
+    def _record(self, key: str, value: Any, step: int) -> None:
+        self._version += 1
+        update = SteeringUpdate(self._version, key, value, step)
+        for log in (self._steering, self._unpushed):  # re-inserted: the dicts stay in version order
+            log.pop(key, None)
+            log[key] = update
 
-    async def fail(self, consumer: int, message: str) -> None:
+    async def set(self, key: str, value: Any, step: int, consumer: int = 0, seq: int | None = None) -> int:
+        """Record a steering value outside a callback; returns the newest version recorded."""
+
+        def apply() -> None:
+            self._record(key, value, step)
+            self._push()
+
+        self._in_order(consumer, seq, apply)
+        return self._version
+
+    async def fail(self, consumer: int, message: str, seq: int | None = None) -> None:
         """``consumer`` reports a failure (callback exception)."""
-        self._leave(consumer, ConsumerState.FAILED, message)
+        self._in_order(consumer, seq, lambda: self._leave(consumer, ConsumerState.FAILED, message))
 
-    async def detach(self, consumer: int) -> None:
-        """``consumer`` is done with this run."""
-        self._leave(consumer, ConsumerState.DETACHED, "the analytics detached")
+    async def detach(self, consumer: int, seq: int | None = None) -> None:
+        """``consumer`` is done with this run (after its earlier messages: a detach never hides a failure)."""
+        self._in_order(consumer, seq, lambda: self._leave(consumer, ConsumerState.DETACHED, "the analytics detached"))
 
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks."""
@@ -404,6 +438,9 @@ class HeadActor:
                 for c in self._book.consumers.values()
             },
             "retained": self._book.retained_steps(),
+            "steering": {k: u.value for k, u in self._steering.items()},
+            "steering_versions": {k: u.version for k, u in self._steering.items()},
+            "steering_log": len(self._steering),
             "ended": None if self._end is None else self._end.reason.value,
         }
 

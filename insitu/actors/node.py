@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from insitu.messages import NodeStep, Status, Wire
+from insitu.messages import NodeStep, Status, SteeringUpdate, Wire
 from insitu.transport import encode_frame
 
 __all__ = ["NodeActor"]
@@ -55,7 +55,7 @@ class NodeActor:
         self._ranks: dict[int, _RankState] = {}
         self._pending: dict[int, dict[int, tuple[_RankState, int]]] = {}  # step -> rank -> (rank, slot)
         self._status: Status | None = None
-        self._history: list[Any] = []
+        self._history: dict[str, SteeringUpdate] = {}  # the last update per key, in version order
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="insitu-put")
         self._server: asyncio.AbstractServer | None = None
         self._messages = 0
@@ -72,7 +72,8 @@ class NodeActor:
         if parent is not None:
             self._parent = parent
         self._status = status
-        self._history = list(status.updates)
+        self._history = {}
+        self._remember(status.updates)
         self._next_seq = status.seq + 1
         self._apply_statuses()
         address = f"\0insitu-{self._run}-{self._node[:12]}-{uuid.uuid4().hex[:8]}"
@@ -90,16 +91,22 @@ class NodeActor:
         while self._next_seq in self._early:
             status = self._early.pop(self._next_seq)
             self._next_seq += 1
-            self._history.extend(status.updates)
+            self._remember(status.updates)
             self._status = status
             frame = encode_frame((Wire.STATUS, status))
             for st in self._ranks.values():
                 if not st.closed:
                     st.writer.write(frame)
 
+    def _remember(self, updates: tuple[SteeringUpdate, ...]) -> None:
+        """Keep the last update per key (what a rank connecting later receives)."""
+        for u in updates:
+            self._history.pop(u.key, None)
+            self._history[u.key] = u
+
     async def stats(self) -> dict[str, int]:
-        """Messages sent to the head and steps still waiting for local ranks."""
-        return {"messages": self._messages, "pending": len(self._pending)}
+        """Messages sent to the head, steps still waiting for local ranks, steering keys remembered."""
+        return {"messages": self._messages, "pending": len(self._pending), "history": len(self._history)}
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state: _RankState | None = None
@@ -174,7 +181,7 @@ class NodeActor:
         self._ranks[rank] = state
         writer.write(encode_frame((Wire.WELCOME,)))
         if self._status is not None:
-            full = dataclasses.replace(self._status, updates=tuple(self._history))
+            full = dataclasses.replace(self._status, updates=tuple(self._history.values()))
             writer.write(encode_frame((Wire.STATUS, full)))
         return state
 
