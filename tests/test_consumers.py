@@ -42,8 +42,11 @@ def wait_consumers(run: str, n: int, timeout: float = 60) -> None:
 
 def start_ana(cluster: Any, options: dict[str, Any]) -> subprocess.Popen[str]:
     env = {**os.environ, **cluster.environment(), "INSITU_DEADLINE": "60"}
-    return subprocess.Popen([sys.executable, str(ROOT / "tests/sims/ana.py"), json.dumps(options)], env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/sims/ana.py"), json.dumps(options)], env=env,
                             stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    assert "node" in json.loads(proc.stdout.readline())  # its first line says where it runs
+    return proc
 
 
 def sim_events(proc: Any, rank: int = 0) -> list[dict[str, Any]]:

@@ -161,7 +161,7 @@ def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], t
 def test_dedicated_analytics_that_fails_ends_the_job_non_zero(slurm: dict[str, str], tmp_path: Path) -> None:
     """--placement dedicated: the analytics alone on the last node, the simulation on the others; its
     failure (a callback raising at step 3) is the job's exit code, the simulation still finishes."""
-    ana = f'{PY} {ROOT}/tests/sims/ana.py {{"fail_at":3}}'
+    ana = f'{PY} {ROOT}/tests/sims/ana.py {{"fail_at":3,"array":"temperature"}}'
     job, job_dir = _submit(slurm, tmp_path, _heat(tmp_path / "dump", 20), ana, launch=("--placement", "dedicated"))
     code = _wait(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()

@@ -15,8 +15,11 @@ def main() -> int:
     analytics = insitu.Analytics(run=opt.get("run"))  # else INSITU_RUN
     print(json.dumps({"node": os.environ.get("SLURMD_NODENAME")}), flush=True)
 
-    @analytics.on_step("u", window=opt.get("window", 1))
-    def step(s: int, u: list) -> None:
+    name = opt.get("array", "u")
+
+    @analytics.on_step(name, window=opt.get("window", 1))
+    def step(s: int, **arrays: list) -> None:
+        u = arrays[name]
         mean = float(u[-1].mean().compute())
         print(json.dumps({"step": s, "mean": mean, "window": [a.step for a in u]}), flush=True)
         time.sleep(opt.get("sleep", 0))
