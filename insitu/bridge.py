@@ -453,7 +453,7 @@ class Bridge:
         slot = self._free.pop()
         views = self._views[slot]
         for name, view in views.items():
-            np.copyto(view, arrays[name], casting="no")
+            np.copyto(view, arrays[name], casting="equiv")  # byte order converted in the one copy
         try:
             assert self._channel is not None
             self._channel.send((Wire.CHUNKS, step_i, slot))

@@ -52,6 +52,27 @@ def _cart_local(name: str, local_shape: Any, ndims: int) -> tuple[int, ...]:
     return local
 
 
+def _check_dtype(name: str, dtype: np.dtype[Any]) -> None:
+    """Refuse dtypes that cannot travel as ``dtype.str`` (objects, records, sub-arrays, raw voids).
+
+    Byte order travels: a big-endian declaration gives big-endian arrays to the analytics.
+    """
+    if dtype.hasobject:
+        raise ContractError(f"array {name!r}: object dtypes cannot be shared; got {dtype}")
+    if dtype.names is not None:
+        raise ContractError(
+            f"array {name!r}: structured dtypes are not supported; got {dtype} with fields {list(dtype.names)}. "
+            f"Declare one array per field instead (e.g. ArraySpec({name + '_' + dtype.names[0]!r}, ..., "
+            f"{dtype.fields[dtype.names[0]][0].str!r}) and send value[{dtype.names[0]!r}])"
+        )
+    if dtype.subdtype is not None or dtype.kind == "V" or np.dtype(dtype.str) != dtype:
+        raise ContractError(
+            f"array {name!r}: dtype {dtype} is not supported (sub-array and raw void dtypes lose their meaning "
+            "on the way); declare a numeric, boolean, string or datetime dtype and put sub-array axes "
+            "into the array's shape"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ArraySpec:
     """One rank's declaration of one array.
@@ -63,7 +84,9 @@ class ArraySpec:
     global_shape
         Shape of the whole array, the same on every rank.
     dtype
-        Element type, the same on every rank (anything ``numpy.dtype`` accepts).
+        Element type, the same on every rank: any numpy dtype but object, structured
+        (record), sub-array and raw void dtypes (``ContractError``). Byte order is kept:
+        a big-endian declaration reaches the analytics big-endian.
     start
         Global index of this rank's first element along every axis.
         ``None`` (with ``shape=None``) when the rank owns no block.
@@ -93,8 +116,7 @@ class ArraySpec:
             object.__setattr__(self, "dtype", np.dtype(self.dtype))
         except TypeError:
             raise ContractError(f"array {self.name!r}: {self.dtype!r} is not a numpy dtype") from None
-        if self.dtype.hasobject:
-            raise ContractError(f"array {self.name!r}: object dtypes cannot be shared; got {self.dtype}")
+        _check_dtype(self.name, self.dtype)
         if (self.start is None) != (self.shape is None):
             raise ContractError(
                 f"array {self.name!r}: give both start and shape, or neither (no block); "

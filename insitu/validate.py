@@ -121,8 +121,11 @@ def _check_arrays(
             return SendError(
                 f"sent {name!r} with shape {value.shape}; its declared block is {spec.shape} at {spec.start}"
             )
-        if value.dtype != spec.dtype:
-            return SendError(f"sent {name!r} with dtype {value.dtype}; declared {spec.dtype}")
+        if value.dtype.newbyteorder("=") != spec.dtype.newbyteorder("="):
+            return SendError(
+                f"sent {name!r} with dtype {value.dtype.str} ({value.dtype}); declared {spec.dtype.str} "
+                f"({spec.dtype}): convert it with .astype({spec.dtype.str!r}) or declare {value.dtype.str!r}"
+            )
     return None
 
 

@@ -156,3 +156,50 @@ def test_from_cart_matches_validate_layout(nx: int, ny: int, px: int, py: int) -
     assert lay.global_shape == (nx, ny)
     assert sum(lay.chunks[0]) == nx
     assert sum(lay.chunks[1]) == ny
+
+
+class OneRankCart(FakeCart):
+    """A grid of one rank: the collective returns this rank's own contribution."""
+
+    def allgather(self, value):
+        return [value]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "pattern"),
+    [
+        ([("x", "f8"), ("y", "i4")], r"structured dtypes are not supported.*\['x', 'y'\].*one array per field"),
+        ("(3,)f8", "sub-array"),
+        ("V8", "raw void"),
+    ],
+)
+def test_dtypes_that_cannot_travel_are_refused_at_declaration(dtype: object, pattern: str) -> None:
+    with pytest.raises(ContractError, match=pattern):
+        ArraySpec("u", (4,), dtype, start=(0,), shape=(4,))
+    with pytest.raises(ContractError, match=pattern):
+        ArraySpec.no_block("u", (4,), dtype)
+    # from_cart agrees on it like on any local problem: the error names this rank
+    with pytest.raises(ContractError, match="rank 0: .*" + pattern):
+        ArraySpec.from_cart("u", OneRankCart([1], (0,), []), (4,), dtype)
+
+
+def test_byte_order_is_kept_and_a_rank_declaring_the_other_order_is_named() -> None:
+    big = ArraySpec("u", (4,), ">f8", start=(0,), shape=(2,))
+    assert big.summary()[2] == ">f8"
+    assert validate_layout([{"u": big}, {"u": ArraySpec("u", (4,), ">f8", start=(2,), shape=(2,))}])["u"].dtype == ">f8"
+    little = ArraySpec("u", (4,), "<f8", start=(2,), shape=(2,))
+    with pytest.raises(ContractError, match="disagree on dtype: rank 0 declare >f8; rank 1 declare float64"):
+        validate_layout([{"u": big}, {"u": little}])
+
+
+def test_send_accepts_the_declared_type_in_either_byte_order_and_names_another_type() -> None:
+    from insitu.validate import NO_STEP, as_specs, check_send
+
+    specs = as_specs([ArraySpec("u", (2, 3), "<f8", start=(0, 0), shape=(2, 3))])
+    value = np.arange(6.0).reshape(2, 3)
+    for sent in (value.astype(">f8"), np.asfortranarray(value.astype(">f8")), np.asfortranarray(value)):
+        assert check_send(0, {"u": sent}, specs, {"u": (0, 0)}, NO_STEP) == (0, None)
+    _, problem = check_send(0, {"u": value.astype(">f4")}, specs, {"u": (0, 0)}, NO_STEP)
+    assert str(problem) == (
+        "sent 'u' with dtype >f4 (>f4); declared <f8 (float64): convert it with .astype('<f8') or declare '>f4'"
+    )

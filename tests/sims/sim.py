@@ -91,6 +91,10 @@ def main() -> int:
     last_sent = None
     for step in range(opt.get("steps", 5)):
         u = field(step, gshape, start, spec.shape, dtype)
+        if opt.get("send_dtype"):  # e.g. big-endian values for a native declaration
+            u = u.astype(opt["send_dtype"])
+        if opt.get("order") == "F":
+            u = np.asfortranarray(u)
         kwargs: dict[str, object] = {"u": u}
         if opt.get("empty_array"):
             kwargs["v"] = np.full(4, step, dtype="i4") if rank == 0 else None
