@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import dask
-
-from insitu.comm import connect_ray
 from insitu.config import Config, Scheduler, resolve_run
 from insitu.dispatch import Dispatcher
 from insitu.errors import (
@@ -26,6 +23,7 @@ from insitu.errors import (
     StepTimeoutError,
 )
 from insitu.messages import Attached, EndReason, RunEnd, RunInfo, StepData, Waiting
+from insitu.process import Route, acquire_ray, check_cluster, register, release_ray
 
 __all__ = ["Analytics", "BlockRef", "RunSummary"]
 
@@ -106,6 +104,7 @@ class Analytics:
             address=address or base.address, **{k: v for k, v in overrides.items() if v is not None}
         )
         self.run_name = resolve_run(run, self.config)
+        check_cluster(self.config.address, f"Analytics(run={self.run_name!r})")
         self._callbacks: list[_Callback] = []
         self._on_close: list[Callable[[RunSummary], None]] = []
         self._head: Any = None
@@ -114,7 +113,8 @@ class Analytics:
         self._seq = 0  # messages of this consumer incarnation to the head (set/done/fail/detach), in order
         self._history: tuple[StepData, ...] = ()
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
-        self._owns_ray = False
+        self._holds_ray = False
+        self._unroute: Callable[[], None] | None = None
         self._where: dict[str, str] = {}
         self._step: int | None = None
         self._in_callback = False
@@ -232,8 +232,10 @@ class Analytics:
 
         from insitu.actors.head import get_or_create_head
 
-        self._owns_ray = connect_ray(self.config)
+        acquire_ray(self.config, f"Analytics(run={self.run_name!r})")
+        self._holds_ray = True
         try:
+            self._unroute = register(Route(self._owns_chunk, self._schedule, self.run_name))
             self._head = get_or_create_head(self.run_name, self.config)
             self._link = _link_class().remote()
             attached: Attached = ray.get(
@@ -313,7 +315,7 @@ class Analytics:
     def _process(self, data: StepData, history: bool = False) -> None:
         """Run the callbacks of one step; with ``history`` only fill the windows."""
         assert self.info is not None
-        from insitu.graph import NodeScheduler, block_order, expand_parts, make_array
+        from insitu.graph import block_order, expand_parts, make_array
 
         if self._order is None:
             self._order = block_order(self.info.layouts, self.info.rank_nodes)
@@ -327,12 +329,6 @@ class Analytics:
             if lay.name in by_array
         }
         self._step = data.step
-        if self.config.scheduler == Scheduler.INSITU:
-            scheduler: Any = NodeScheduler(self._where, self._executor, self._dispatcher, self.config.deadline)
-        else:
-            from ray.util.dask import ray_dask_get
-
-            scheduler = ray_dask_get
         for cb in self._callbacks:
             if not all(n in arrays for n in cb.arrays):
                 continue
@@ -342,16 +338,13 @@ class Analytics:
             kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
             self._in_callback = True
             try:
-                with dask.config.set(scheduler=scheduler):
-                    cb.fn(data.step, **kwargs)
+                cb.fn(data.step, **kwargs)  # its .compute() finds our scheduler through the router
             except Exception as exc:
                 message = (
                     f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
                     f"{', '.join(cb.arrays)}: {type(exc).__name__}: {exc}"
                 )
-                self._head.fail.remote(
-                    self._consumer, message + "\n" + traceback.format_exc(limit=5), self._next_seq()
-                )
+                self._head.fail.remote(self._consumer, message + "\n" + traceback.format_exc(limit=5), self._next_seq())
                 raise CallbackError(message, step=data.step, arrays=cb.arrays) from exc
             finally:
                 self._in_callback = False
@@ -383,6 +376,22 @@ class Analytics:
             grouped = [p for p in below if p[1] in relays]
         return out
 
+    def _owns_chunk(self, ref_hex: str) -> bool:
+        """Whether an object ref is one of the chunks our windows hold (the router's question)."""
+        return ref_hex in self._where
+
+    def _schedule(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Our Dask scheduler, for the graphs holding our chunks (the router calls it)."""
+        if self.config.scheduler == Scheduler.INSITU:
+            from insitu.graph import NodeScheduler
+
+            return NodeScheduler(self._where, self._executor, self._dispatcher, self.config.deadline)(
+                dsk, keys, **kwargs
+            )
+        from ray.util.dask import ray_dask_get
+
+        return ray_dask_get(dsk, keys, **kwargs)
+
     def _executor(self, node: str) -> Any:
         """The compute actor of ``node`` (owned by this process, created on first use)."""
         if node not in self._executors:
@@ -405,6 +414,9 @@ class Analytics:
     def _leave(self) -> None:
         import ray
 
+        if self._unroute is not None:
+            self._unroute()
+            self._unroute = None
         for cb in self._callbacks:
             cb.history.clear()
         self._where.clear()
@@ -425,9 +437,9 @@ class Analytics:
         if self._head is not None:
             self._dispatcher.close()  # the run's relay, if any work needed it
         self._head = None
-        if self._owns_ray:
-            ray.shutdown()
-            self._owns_ray = False
+        if self._holds_ray:
+            self._holds_ray = False
+            release_ray()  # the last Analytics of the process to leave ends a connection insitu made
 
     def __enter__(self) -> Analytics:
         return self

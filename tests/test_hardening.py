@@ -127,3 +127,44 @@ def test_a_ranks_steering_log_holds_only_unapplied_updates_after_1000_updates() 
     bridge._apply_steering(1000)
     assert bridge._log == {} and bridge._values == {"k0": 999, "k1": 1000, "k2": 998}
     bridge._closed = True
+
+
+def test_two_analytics_in_one_process_compute_on_their_own_schedulers_and_share_the_connection(cluster: Any) -> None:
+    """Item 5: a real analytics process holds two Analytics (threads) computing at the same time."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, expected_field, finish_sim, start_sim
+
+    runs, steps, shapes = [run_name("two-a"), run_name("two-b")], [2, 4], [[8, 6], [6, 4]]
+    sims = [
+        start_sim(cluster, 2, {"run": runs[0], "steps": steps[0], "shape": shapes[0]}),
+        start_sim(cluster, 1, {"run": runs[1], "steps": steps[1], "shape": shapes[1]}, nodes=cluster.node_ips[1:]),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSITU_")} | cluster.environment()
+    options = json.dumps({"runs": runs, "steps": steps, "shapes": shapes})
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/sims/two_analytics.py"), options], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=240, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for sim in sims:
+        assert finish_sim(sim).returncode == 0
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    a, b, driver = out[runs[0]], out[runs[1]], out["driver"]
+    assert a["error"] is None and b["error"] is None, (a["error"], b["error"])
+    assert (a["steps"], b["steps"]) == (2, 4)  # b went on after a left: the connection was not ended under it
+    assert a["values_ok"] == [True] * 2 and b["values_ok"] == [True] * 4
+    assert expected_field(0, (2, 2)).tolist() == [[0.0, 1.0], [2.0, 3.0]]  # the sims' field, as checked there
+    for pids, executors in zip(a["pids"], a["executors"], strict=True):
+        assert pids and set(pids) <= set(executors), "insitu's scheduler runs block tasks in the compute actors"
+    for pids in b["pids"]:
+        assert driver not in pids, "b's graph ran on a's scheduler (its chunks unknown there: read in the driver)"
+    assert not set().union(*map(set, b["pids"])) & set().union(*map(set, a["executors"]))
+    for pids, executors in zip(a["explicit"], a["executors"], strict=True):
+        assert not set(pids) & {driver, *executors}, "compute(scheduler=...) must win over the router"
+    assert out["other_cluster"].startswith("ConfigError: Analytics(run='elsewhere') is pointed at the Ray cluster at "
+                                           "127.0.0.1:9, but this process is connected to the one at ")  # fmt: skip
+    assert out["other_cluster_seconds"] < 5, "refused at once, not after trying to connect"
+    assert out["connected_after"] is False, "the last Analytics to leave ends the connection insitu made"
+    assert out["plain_dask_after"] == 45
