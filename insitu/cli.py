@@ -119,7 +119,8 @@ def _launch(args: argparse.Namespace) -> int:
     from insitu.slurm import JobSpec, render_job, submit
 
     spec = JobSpec(nodes=args.nodes, ranks_per_node=args.ranks_per_node, simulation=args.simulation,
-                   analytics=args.analytics, placement=args.placement, ray_cpus=args.ray_cpus, time=args.time,
+                   analytics=args.analytics, placement=args.placement, ray_cpus=args.ray_cpus,
+                   cpus_per_task=args.cpus_per_task, time=args.time,
                    step_bytes=args.step_bytes, window=args.window, in_flight=args.in_flight, mpi=args.mpi,
                    job_name=args.job_name)  # fmt: skip
     if args.dry_run:
@@ -221,6 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--placement", choices=("colocated", "dedicated"), default="colocated",
                     help="analytics next to the simulation, or on the last node alone")  # fmt: skip
     la.add_argument("--ray-cpus", type=int, default=1, help="cores per node reserved for Ray and the analytics")
+    la.add_argument("--cpus-per-task", type=int, default=1,
+                    help="CPUs of each rank (hybrid MPI+OpenMP: OMP_NUM_THREADS defaults to it)")  # fmt: skip
     la.add_argument("--time", default="00:30:00")
     la.add_argument("--step-bytes", type=int, default=64 << 20, help="bytes one node sends per step")
     la.add_argument("--window", type=int, default=2)

@@ -11,12 +11,14 @@ True
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,9 @@ __all__ = [
     "JobSpec",
     "busy_ports",
     "store_bytes",
-    "check_store",
+    "check_node_memory",
+    "check_this_node",
+    "job_memory",
     "wait_for_nodes",
     "render_job",
     "steer",
@@ -57,32 +61,80 @@ def store_bytes(step_bytes: int, window: int, in_flight: int) -> int:
     return max(RAY_MIN_STORE, int((window + in_flight) * step_bytes * 1.25))
 
 
-def check_store(need: int, shm: str = "/dev/shm", mem_per_node_mb: int | None = None) -> None:
-    """Fail fast, with the numbers, when the object store cannot fit in /dev/shm or the job's memory.
+def job_memory(env: Mapping[str, str]) -> int | None:
+    """The job's memory on this node in bytes: ``--mem`` (SLURM_MEM_PER_NODE) or ``--mem-per-cpu`` ×
+    the node's CPUs (SLURM_MEM_PER_CPU × SLURM_CPUS_ON_NODE); None when the job asked for neither.
+
+    Examples
+    --------
+    >>> job_memory({"SLURM_MEM_PER_CPU": "1000", "SLURM_CPUS_ON_NODE": "4"}) == 4000 * 2**20
+    True
+    """
+    if env.get("SLURM_MEM_PER_NODE"):
+        return int(env["SLURM_MEM_PER_NODE"]) << 20
+    if env.get("SLURM_MEM_PER_CPU") and env.get("SLURM_CPUS_ON_NODE"):
+        return int(env["SLURM_MEM_PER_CPU"]) * int(env["SLURM_CPUS_ON_NODE"]) << 20
+    return None
+
+
+def _mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read_text(), flags=re.MULTILINE)
+    return int(match[1]) << 10 if match else None
+
+
+def check_node_memory(store: int, staging: int, shm: str = "/dev/shm", job_mem: int | None = None,
+                      available: int | None = None, node: str = "this node") -> None:  # fmt: skip
+    """Fail fast, with the numbers, when a node cannot hold the object store and the ranks' staging files.
+
+    Run on every node of the job (``insitu_node.sh check``): the object store and the staging
+    files (slots × the node's bytes per step) both live in ``shm``; together they must fit in
+    its free space and in half the job's memory on the node (``--mem`` / ``--mem-per-cpu``; the
+    simulation keeps the other half), or in the node's available memory when the job set none.
 
     Raises
     ------
     ConfigError
-        The store would not fit; the message says how much is needed and available.
+        They do not fit; the message names the node and has every number.
+
+    Examples
+    --------
+    >>> check_node_memory(100 << 20, 20 << 20, job_mem=200 << 20, node="n1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    insitu.errors.ConfigError: n1: the object store (100 MiB) and staging files (20 MiB) need 120 MiB, ...
     """
+    need = store + staging
+    what = f"{node}: the object store ({store / 2**20:.0f} MiB) and staging files ({staging / 2**20:.0f} MiB) need " \
+           f"{need / 2**20:.0f} MiB"  # fmt: skip
     free = shutil.disk_usage(shm).free
     if need > free:
-        raise ConfigError(
-            f"the object store needs {need / 2**20:.0f} MiB per node but {shm} has {free / 2**20:.0f} MiB free; "
-            "lower the window, in-flight steps or step size, or ask for nodes with more /dev/shm"
-        )
-    if mem_per_node_mb and need > mem_per_node_mb * 2**20 // 2:
-        raise ConfigError(
-            f"the object store needs {need / 2**20:.0f} MiB per node, more than half of the job's "
-            f"{mem_per_node_mb} MiB per node (--mem); ask for more memory or send less per step"
-        )
+        raise ConfigError(f"{what} but {shm} has {free / 2**20:.0f} MiB free; lower the window, in-flight steps "
+                          "or step size, or ask for nodes with more /dev/shm")  # fmt: skip
+    if job_mem is not None and need > job_mem // 2:
+        raise ConfigError(f"{what}, more than half of the job's {job_mem / 2**20:.0f} MiB on the node (--mem or "
+                          "--mem-per-cpu); ask for more memory or send less per step")  # fmt: skip
+    if job_mem is None and available is not None and need > available:
+        raise ConfigError(f"{what} but the node has {available / 2**20:.0f} MiB available; send less per step "
+                          "or ask for nodes with more memory")  # fmt: skip
 
 
-def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_dir: str | None = None) -> None:
+def check_this_node(store: int, staging: int) -> None:
+    """:func:`check_node_memory` with this node's job memory, available memory and name (from the step's env)."""
+    env = os.environ
+    check_node_memory(store, staging, job_mem=job_memory(env), available=_mem_available(),
+                      node=env.get("SLURMD_NODENAME", socket.gethostname()))  # fmt: skip
+
+
+START_FAILED = "INSITU-RAY-START-FAILED"  # insitu_node.sh prints it on the Ray step's output
+
+
+def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_log: str | None = None) -> None:
     """Wait until a raylet of every SLURM node in ``names`` has joined (resource ``slurm_node_<name>``).
 
-    ``failed_dir`` is where ``insitu_node.sh`` leaves ``ray-start-failed-<node>`` when a node gave up
-    starting Ray; the wait then ends at once instead of at the deadline.
+    ``failed_log`` is the Ray step's output as ``srun`` collects it on the batch host (never a
+    file another node wrote): a node that gave up starting Ray prints
+    ``INSITU-RAY-START-FAILED <node>: <why>`` there, and the wait then ends at once instead of
+    at the deadline.
 
     Raises
     ------
@@ -92,15 +144,16 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_d
     end = time.monotonic() + deadline
 
     def check_failed(missing: Sequence[str], joined: str) -> None:
-        if failed_dir is None:
+        if failed_log is None or not Path(failed_log).exists():
             return
-        gave_up = {n: (Path(failed_dir) / f"ray-start-failed-{n}") for n in missing}
-        gave_up = {n: f.read_text().strip() for n, f in gave_up.items() if f.exists()}
+        text = Path(failed_log).read_text(errors="replace")
+        gave_up = dict(re.findall(rf"{START_FAILED} (\S+): (.*)$", text, flags=re.MULTILINE))
+        gave_up = {n: why.strip() for n, why in gave_up.items() if n in missing}
         if gave_up:
             raise StepTimeoutError(
                 "Ray could not be started on "
                 + ", ".join(f"{n} ({why})" for n, why in gave_up.items())
-                + f" (joined: {joined or 'none'}); see ray-node<index>.log in the job directory, and "
+                + f" (joined: {joined or 'none'}); see ray-nodes.log in the job directory, and "
                 "INSITU_RAY_START_TRIES to try more often"
             )
 
@@ -114,7 +167,7 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_d
             if time.monotonic() > end:
                 raise StepTimeoutError(
                     f"the Ray head {address} did not come up within {deadline:.0f} s (nodes: {', '.join(names)}); "
-                    "see ray-node0.log in the job directory"
+                    "see ray-nodes.log in the job directory"
                 ) from None
             time.sleep(0.5)
 
@@ -132,7 +185,7 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_d
             if time.monotonic() > end:
                 raise StepTimeoutError(
                     f"Ray nodes missing after {deadline:.0f} s: {', '.join(missing)} (joined: "
-                    f"{', '.join(sorted(alive)) or 'none'}); see ray-node<index>.log in the job directory"
+                    f"{', '.join(sorted(alive)) or 'none'}); see ray-nodes.log in the job directory"
                 )
             time.sleep(0.5)
     finally:
@@ -164,6 +217,7 @@ class JobSpec:
     analytics: str
     placement: str = "colocated"  # or "dedicated": the analytics gets the last node
     ray_cpus: int = 1
+    cpus_per_task: int = 1
     time: str = "00:30:00"
     step_bytes: int = 64 << 20
     window: int = 2
@@ -174,6 +228,8 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.placement not in ("colocated", "dedicated"):
             raise ConfigError(f"placement must be 'colocated' or 'dedicated'; got {self.placement!r}")
+        if self.ray_cpus < 1 or self.cpus_per_task < 1:
+            raise ConfigError(f"ray_cpus and cpus_per_task must be ≥ 1; got {self.ray_cpus} and {self.cpus_per_task}")
         if self.nodes < (2 if self.placement == "dedicated" else 1) or self.ranks_per_node < 1:
             raise ConfigError(f"need ≥ 1 simulation node and ≥ 1 rank per node; got nodes={self.nodes} "
                               f"ranks_per_node={self.ranks_per_node} with placement {self.placement}")  # fmt: skip
@@ -192,7 +248,9 @@ def render_job(spec: JobSpec) -> str:
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name={spec.job_name}",
         f"#SBATCH --nodes={spec.nodes}",
-        f"#SBATCH --ntasks-per-node={spec.ranks_per_node + spec.ray_cpus}",
+        # Ray's CPUs as whole tasks: ceil(ray_cpus / cpus_per_task) more tasks of cpus_per_task each
+        f"#SBATCH --ntasks-per-node={spec.ranks_per_node + -(-spec.ray_cpus // spec.cpus_per_task)}",
+        f"#SBATCH --cpus-per-task={spec.cpus_per_task}",
         f"#SBATCH --time={spec.time}",
         "#SBATCH --signal=B:USR1@120",
         "#SBATCH --output=insitu-%j.out",

@@ -6,7 +6,6 @@ Needs `slurm-wlm` and `munge` (`.ci/run` installs them); skipped with the reason
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,8 +18,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import HEAT2D_PY, HEAT_STATS, LAUNCH, ROOT
+from tests.slurm_jobs import assert_clean, private_slurm, submit, wait_job
 
-SLURM_LOCAL = LAUNCH / "slurm_local.sh"
 PY = sys.executable  # the jobs' Python: this environment's, whatever PATH holds
 pytestmark = pytest.mark.skipif(
     not (shutil.which("slurmctld") and shutil.which("munged") and shutil.which("sbatch")),
@@ -31,58 +30,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A private SLURM with 3 emulated nodes; the environment its clients need."""
-    base = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "INSITU_SLURM_BASE": str(base), "INSITU_SLURM_PORT": "7957"}
-    subprocess.run([str(SLURM_LOCAL), "start", "3"], env=env, check=True, capture_output=True, timeout=60)
-    env["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
-    env["INSITU_EMULATED_NODES"] = "1"
-    for k in [k for k in env if k.startswith(("INSITU_ADDRESS", "INSITU_AUTH", "RAY_"))]:
-        del env[k]  # the job makes its own cluster and token
-    try:
+    with private_slurm(tmp_path_factory.mktemp("slurm"), 7957, 3) as env:
         yield env
-    finally:
-        subprocess.run([str(SLURM_LOCAL), "stop"], env=env, check=False, capture_output=True, timeout=60)
-
-
-def _submit(slurm: dict[str, str], tmp: Path, sim: str, ana: str, *extra: str, nodes: int = 3,
-            env_extra: dict[str, str] | None = None, launch: tuple[str, ...] = ()) -> tuple[int, Path]:  # fmt: skip
-    job_dir = tmp / "job"
-    env = {**slurm, "INSITU_JOB_DIR": str(job_dir), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "insitu.cli", "launch", "--nodes", str(nodes), "--ranks-per-node", "2",
-           "--simulation", sim, "--analytics", ana, "--step-bytes", "1000000", "--time", "00:10:00",
-           *launch, "--script", str(tmp / "job.sbatch"), "--", f"--output={tmp / 'job.out'}", *extra]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
-    return int(proc.stdout.split()[-1]), job_dir
-
-
-def _wait(slurm: dict[str, str], job: int, timeout: float = 420, log: Path | None = None) -> int:
-    """Wait for the job to end; its exit code (from scontrol, the job is still in slurmctld's memory).
-
-    On timeout the job is cancelled and the failure shows the end of ``log`` (the job's output).
-    """
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        out = subprocess.run(["scontrol", "show", "job", str(job)], env=slurm, capture_output=True, text=True,
-                             check=False).stdout  # fmt: skip
-        state = re.search(r"JobState=(\w+)", out)
-        if state and state[1] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
-            code = re.search(r"ExitCode=(\d+):(\d+)", out)
-            assert code
-            return int(code[1])
-        time.sleep(1)
-    subprocess.run(["scancel", str(job)], env=slurm, check=False)
-    tail = log.read_text()[-3000:] if log is not None and log.exists() else "(no job output)"
-    pytest.fail(f"job {job} did not end within {timeout} s; its output ends with:\n{tail}")
-
-
-def _assert_clean(slurm: dict[str, str], job: int) -> None:
-    steps = subprocess.run(["squeue", "-s", "-h", "-j", str(job)], env=slurm, capture_output=True, text=True,
-                           check=False).stdout.strip()  # fmt: skip
-    assert steps == "", f"job steps left: {steps}"
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    left = [line for line in ps.splitlines() if f"insitu-ray-{job}" in line]
-    assert left == [], f"Ray processes of job {job} left: {left}"
-    assert not Path(f"/tmp/insitu-ray-{job}").exists()
 
 
 def _heat(dump: Path, steps: int = 30) -> str:
@@ -93,10 +42,10 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
                                                                           tmp_path: Path) -> None:  # fmt: skip
     dump, out, placement = tmp_path / "dump", tmp_path / "out", tmp_path / "placement.json"
     nodes_file = tmp_path / "nodes.json"
-    job, job_dir = _submit(slurm, tmp_path, _heat(dump), f"{PY} {ROOT}/tests/sims/record_nodes.py {nodes_file} "
+    job, job_dir = submit(slurm, tmp_path, _heat(dump), f"{PY} {ROOT}/tests/sims/record_nodes.py {nodes_file} "
                            f"{PY} {HEAT_STATS} --out {out} --placement {placement}",
                            env_extra={"INSITU_SLICE_HOSTS": "2"})  # fmt: skip
-    code = _wait(slurm, job, log=tmp_path / "job.out")
+    code = wait_job(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code == 0, log + (job_dir / "analytics.log").read_text()[-2000:]
     stats = {int(k): v for k, v in json.loads((out / "stats.json").read_text())["stats"].items()}
@@ -125,7 +74,9 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
     assert slices == {"127.0.0.20": ["insitu_slice_0"], "127.0.0.21": ["insitu_slice_0"],
                       "127.0.0.22": ["insitu_slice_1"]}  # fmt: skip
     assert "torn down (exit 0)" in log
-    _assert_clean(slurm, job)
+    # the submit directory holds the job's logs and nothing a node reads (no token, no markers)
+    assert sorted({p.suffix for p in job_dir.iterdir()}) == [".log"], sorted(job_dir.iterdir())
+    assert_clean(slurm, job)
 
 
 def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Path) -> None:
@@ -134,36 +85,36 @@ def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Pat
         d = tmp_path / name
         d.mkdir()
         # unbound: 2 jobs x 3 emulated nodes' Ray on core 0 of one host starve (cores binding: first test)
-        jobs.append((_submit(slurm, d, _heat(d / "dump", 20), f"{PY} {HEAT_STATS} --out {d / 'out'}",
+        jobs.append((submit(slurm, d, _heat(d / "dump", 20), f"{PY} {HEAT_STATS} --out {d / 'out'}",
                              env_extra={"INSITU_BIND_CPUS": "0"}), d))  # fmt: skip
     time.sleep(3)
     running = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], env=slurm, capture_output=True, text=True,
                              check=False).stdout.split()  # fmt: skip
-    codes = [_wait(slurm, job, log=d / "job.out") for (job, _), d in jobs]
+    codes = [wait_job(slurm, job, log=d / "job.out") for (job, _), d in jobs]
     assert codes == [0, 0], [(d / "job.out").read_text() for _, d in jobs]
     assert len(running) == 2, f"both jobs should run at the same time: {running}"
     for (job, _), d in jobs:
         assert len(json.loads((d / "out" / "stats.json").read_text())["stats"]) == 20
-        _assert_clean(slurm, job)
+        assert_clean(slurm, job)
 
 
 def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], tmp_path: Path) -> None:
-    job, job_dir = _submit(slurm, tmp_path, f"{PY} {ROOT}/tests/sims/crash.py",
+    job, job_dir = submit(slurm, tmp_path, f"{PY} {ROOT}/tests/sims/crash.py",
                            f"{PY} {HEAT_STATS} --out {tmp_path / 'out'}")  # fmt: skip
-    code = _wait(slurm, job, log=tmp_path / "job.out")
+    code = wait_job(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code != 0, log
     assert "simulation exited with" in log and "torn down" in log
     assert "died before closing" in (job_dir / "analytics.log").read_text()
-    _assert_clean(slurm, job)
+    assert_clean(slurm, job)
 
 
 def test_dedicated_analytics_that_fails_ends_the_job_non_zero(slurm: dict[str, str], tmp_path: Path) -> None:
     """--placement dedicated: the analytics alone on the last node, the simulation on the others; its
     failure (a callback raising at step 3) is the job's exit code, the simulation still finishes."""
     ana = f'{PY} {ROOT}/tests/sims/ana.py {{"fail_at":3,"array":"temperature"}}'
-    job, job_dir = _submit(slurm, tmp_path, _heat(tmp_path / "dump", 20), ana, launch=("--placement", "dedicated"))
-    code = _wait(slurm, job, log=tmp_path / "job.out")
+    job, job_dir = submit(slurm, tmp_path, _heat(tmp_path / "dump", 20), ana, launch=("--placement", "dedicated"))
+    code = wait_job(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     ana_log = (job_dir / "analytics.log").read_text()
     assert code != 0, log
@@ -175,22 +126,22 @@ def test_dedicated_analytics_that_fails_ends_the_job_non_zero(slurm: dict[str, s
         ranks_on |= set(re.findall(r"rank \d+ host (\S+)", f.read_text()))
     assert ranks_on == {"node1", "node2"}, ranks_on
     assert "simulation exited with 0" in log
-    _assert_clean(slurm, job)
+    assert_clean(slurm, job)
 
 
 def test_time_limit_stops_the_simulation_through_the_signal(slurm: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    job, job_dir = _submit(slurm, tmp_path, f"{PY} {HEAT2D_PY} --nx 32 --ny 32 --steps 1000000",
+    job, job_dir = submit(slurm, tmp_path, f"{PY} {HEAT2D_PY} --nx 32 --ny 32 --steps 1000000",
                            f"{PY} {HEAT_STATS} --out {out}", "--time=1",
                            "--signal=B:USR1@50", nodes=2)  # fmt: skip
-    code = _wait(slurm, job, timeout=240, log=tmp_path / "job.out")
+    code = wait_job(slurm, job, timeout=240, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     assert code == 0, log
     assert "steering value stop=true set" in log
     logs = "".join(f.read_text() for f in job_dir.glob("sim-*.log"))
     stopped = {int(s) for s in re.findall(r"stopped after step (\d+)", logs)}
     assert len(stopped) == 1 and next(iter(stopped)) < 999999, stopped  # every rank stopped at the same step
-    _assert_clean(slurm, job)
+    assert_clean(slurm, job)
 
 
 def test_generated_script_passes_shellcheck(tmp_path: Path) -> None:
@@ -207,12 +158,31 @@ def test_generated_script_passes_shellcheck(tmp_path: Path) -> None:
 
 def test_object_store_that_does_not_fit_fails_fast() -> None:
     from insitu.errors import ConfigError
-    from insitu.slurm import check_store, store_bytes
+    from insitu.slurm import check_node_memory, job_memory, store_bytes
 
-    with pytest.raises(ConfigError, match=r"needs \d+ MiB per node but /dev/shm has"):
-        check_store(store_bytes(1 << 50, 2, 2))
-    with pytest.raises(ConfigError, match="more than half of the job's 800 MiB"):
-        check_store(store_bytes(100 << 20, 2, 2), mem_per_node_mb=800)
+    with pytest.raises(ConfigError, match=r"n2: the object store \(\d+ MiB\) and staging files \(2 MiB\) need \d+ "
+                                          r"MiB but /dev/shm has \d+ MiB free"):  # fmt: skip
+        check_node_memory(store_bytes(1 << 50, 2, 2), 2 << 20, node="n2")
+    mem = job_memory({"SLURM_MEM_PER_CPU": "200", "SLURM_CPUS_ON_NODE": "4"})
+    with pytest.raises(ConfigError, match=r"need 420 MiB, more than half of the job's 800 MiB on the node"):
+        check_node_memory(store_bytes(60 << 20, 2, 2), 120 << 20, job_mem=mem)
+    check_node_memory(store_bytes(60 << 20, 2, 2), 120 << 20, job_mem=mem * 2)  # fits in 1600 MiB
+    with pytest.raises(ConfigError, match=r"but the node has 100 MiB available"):
+        check_node_memory(80 << 20, 40 << 20, available=100 << 20)
+
+
+def test_memory_check_runs_on_every_node_and_fails_the_job_with_the_numbers(slurm: dict[str, str],
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    # --mem=150: 80 MiB of object store + 2 × 1 MB of staging files is more than half of it, on every node
+    job, job_dir = submit(slurm, tmp_path, "true", "true", "--mem=150")
+    code = wait_job(slurm, job, timeout=120, log=tmp_path / "job.out")
+    log = (tmp_path / "job.out").read_text()
+    assert code != 0, log
+    for node in ("node1", "node2", "node3"):
+        assert (f"{node}: the object store (80 MiB) and staging files (2 MiB) need 82 MiB, more than half of the "
+                "job's 150 MiB on the node") in log, log  # fmt: skip
+    assert "Ray head" not in log  # failed before any Ray started
+    assert_clean(slurm, job)
 
 
 def test_job_spec_rejects_bad_placement() -> None:
@@ -282,7 +252,7 @@ def test_ray_start_that_fails_before_the_node_is_up_is_retried(slurm: dict[str, 
     assert proc.stderr.count("retrying once its ports are free") == 2, proc.stderr
     args = (tmp_path / "args").read_text().splitlines()
     assert all(a.startswith("start --head --port=35000 ") for a in args), args  # node1 = first node: the head
-    assert not (tmp_path / "job" / "ray-start-failed-node1").exists()
+    assert "INSITU-RAY-START-FAILED" not in proc.stdout
 
 
 def test_ray_start_gives_up_after_its_tries_and_the_wait_ends_at_once(slurm: dict[str, str],
@@ -296,11 +266,14 @@ def test_ray_start_gives_up_after_its_tries_and_the_wait_ends_at_once(slurm: dic
     assert proc.returncode == 1
     assert (tmp_path / "calls").read_text().strip() == "3"
     assert "ray start failed 3 times (last exit 1); giving up" in proc.stderr
-    marker = tmp_path / "job" / "ray-start-failed-node1"
-    assert marker.read_text().strip() == "3 tries, last exit 1"
+    # the marker is on the step's output (srun brings it to the batch host), not in a shared file
+    assert not list((tmp_path / "job").iterdir())
+    step_out = tmp_path / "ray-nodes.log"
+    step_out.write_text("".join(f"0: {line}\n" for line in proc.stdout.splitlines()))
+    assert "0: INSITU-RAY-START-FAILED node1: 3 tries, last exit 1" in step_out.read_text()
     t0 = time.monotonic()
     with pytest.raises(StepTimeoutError, match=r"Ray could not be started on node1 \(3 tries, last exit 1\)"):
-        wait_for_nodes("127.0.0.20:35000", ["node1", "node2"], deadline=60, failed_dir=str(tmp_path / "job"))
+        wait_for_nodes("127.0.0.20:35000", ["node1", "node2"], deadline=60, failed_log=str(step_out))
     assert time.monotonic() - t0 < 10
 
 
@@ -309,4 +282,4 @@ def test_wait_for_nodes_names_a_head_that_never_came_up(tmp_path: Path) -> None:
     from insitu.slurm import wait_for_nodes
 
     with pytest.raises(StepTimeoutError, match=r"the Ray head 127.0.0.20:35000 did not come up within 1 s"):
-        wait_for_nodes("127.0.0.20:35000", ["node1"], deadline=1, failed_dir=str(tmp_path))
+        wait_for_nodes("127.0.0.20:35000", ["node1"], deadline=1, failed_log=str(tmp_path / "none.log"))

@@ -2,9 +2,18 @@
 # Per-node helpers of insitu.sbatch, run inside srun steps (one task per node unless said otherwise).
 #
 #   insitu_node.sh ip              print this node's Ray IP
-#   insitu_node.sh ports BASE      exit 1 (and name them) if any port of this node's block is taken
+#   insitu_node.sh check BASE      exit 1 (naming them) if a port of this node's block is taken;
+#                                  exit 3 (with the numbers) if the object store and the staging
+#                                  files do not fit in this node's /dev/shm and the job's memory
 #   insitu_node.sh ray             run this node's raylet in the foreground (head on the first node)
 #   insitu_node.sh rank CMD...     run one simulation rank with INSITU_NODE set to this node's raylet
+#   insitu_node.sh clean           remove this node's Ray temp dir (sessions, spilled objects) and the
+#                                  run's staging files left by killed ranks
+#
+# Nothing is read from a file another node wrote: the token comes in the environment srun
+# passes on, a failed start is reported on the step's output (INSITU-RAY-START-FAILED), and the
+# temp dirs live on node-local disks. CPU binding follows INSITU_BINDING, the plan the batch
+# script made from the job's CPU IDs (python -m insitu.binding).
 #
 # This node's IP: $INSITU_NODE_IP if set (one address, or name=ip,name=ip per node); else the
 # address of $INSITU_IFACE; else, when INSITU_EMULATED_NODES=1 (several emulated nodes on one
@@ -54,11 +63,18 @@ print(' '.join(map(str, busy_ports(sys.argv[1], range(int(sys.argv[2]), int(sys.
 " "$1" "$2" "${INSITU_RAY_STRIDE:?}"
 }
 
+# this node's kernel CPU list for ray or for local rank $2 (empty when binding is off)
+bound_cpus() {
+    if [[ ${INSITU_BIND_CPUS:-0} == 1 && -n ${INSITU_BINDING:-} ]]; then
+        "${INSITU_PYTHON:-python3}" -m insitu.binding cpus "$@"
+    fi
+}
+
 # run `ray start ... --block` (the arguments); when it fails before the node is up (a loaded node:
 # Ray's agents or its registration time out at start-up), wait for the node's ports to be free
 # again and retry, INSITU_RAY_START_TRIES times in all. A raylet that dies after it was up is
-# not restarted. When every try failed, leave ray-start-failed-<node> in INSITU_JOB_DIR so the
-# batch script stops waiting for this node at once.
+# not restarted. When every try failed, say so on stdout (INSITU-RAY-START-FAILED <node>: ...) so
+# the batch script stops waiting for this node at once.
 start_ray() {
     local tries=${INSITU_RAY_START_TRIES:-3} t code out ip=$1 b=$2 deadline
     shift 2
@@ -76,9 +92,8 @@ start_ray() {
         if ((t >= tries)); then
             rm -f "$out"
             echo "$SLURMD_NODENAME: ray start failed $t times (last exit $code); giving up" >&2
-            if [[ -n ${INSITU_JOB_DIR:-} ]]; then
-                echo "$t tries, last exit $code" >"$INSITU_JOB_DIR/ray-start-failed-$SLURMD_NODENAME"
-            fi
+            # on the step's output, which srun brings to the batch host (insitu.slurm.wait_for_nodes)
+            echo "INSITU-RAY-START-FAILED $SLURMD_NODENAME: $t tries, last exit $code"
             return 1
         fi
         echo "$SLURMD_NODENAME: ray start failed before the node was up (exit $code), try $t of $tries;" \
@@ -90,16 +105,35 @@ start_ray() {
     done
 }
 
-cmd=${1:?usage: insitu_node.sh ip|ports BASE|ray|rank CMD...}
+cmd=${1:?usage: insitu_node.sh ip|check BASE|ray|rank CMD...|clean}
 shift
 case "$cmd" in
 ip) node_ip ;;
-ports)
-    busy=$(busy_ports "$(node_ip)" "$(node_base "${1:?base port}")")
+check)
+    ip=$(node_ip)
+    busy=$(busy_ports "$ip" "$(node_base "${1:?base port}")")
     if [[ -n $busy ]]; then
         echo "$SLURMD_NODENAME ($ip): ports in use: $busy"
         exit 1
     fi
+    # the object store and the ranks' staging files (slots x this node's bytes per step)
+    if ! why=$("${INSITU_PYTHON:-python3}" -c "
+import sys
+from insitu.errors import ConfigError
+from insitu.slurm import check_this_node
+try:
+    check_this_node(int(sys.argv[1]), int(sys.argv[2]) * int(sys.argv[3]))
+except ConfigError as exc:
+    print(exc)
+    sys.exit(3)" "${INSITU_STORE_BYTES:?}" "${INSITU_SLOTS:-2}" "${INSITU_STEP_BYTES:?}"); then
+        echo "$why"
+        exit 3
+    fi
+    ;;
+clean)
+    # this node's Ray directory (sessions, logs, spilled objects) and staging files of killed ranks
+    rm -rf "${INSITU_RAY_TMP:?}"
+    rm -f "${INSITU_SHM_DIR:-/dev/shm}/insitu-${INSITU_RUN:?}-r"[0-9]*-* 2>/dev/null || true
     ;;
 ray)
     ip=$(node_ip)
@@ -117,10 +151,11 @@ ray)
         --min-worker-port=$((b + 10)) --max-worker-port=$((b + INSITU_RAY_STRIDE - 1))
         --num-cpus="${INSITU_RAY_CPUS:-1}" --resources="{$resources}"
         --object-store-memory="${INSITU_STORE_BYTES:?}" --disable-usage-stats --block
-        --temp-dir="${INSITU_RAY_TMP:?}/$name")
+        --temp-dir="${INSITU_RAY_TMP:?}/$name" --object-spilling-directory="$INSITU_RAY_TMP/$name/spill")
     launcher=()
-    if [[ ${INSITU_BIND_CPUS:-0} == 1 ]]; then  # Ray (and its workers) on cores 0..K-1
-        launcher=(taskset -c "0-$((${INSITU_RAY_CPUS:-1} - 1))")
+    cpus=$(bound_cpus ray)
+    if [[ -n $cpus ]]; then  # Ray (and its workers) on the CPUs the plan keeps for it
+        launcher=(taskset -c "$cpus")
     fi
     if [[ $(node_index) == 0 ]]; then
         start_ray "$ip" "$b" "${launcher[@]}" "${INSITU_RAY:-ray}" start --head --port="$b" --ray-client-server-port=$((b + 3)) \
@@ -141,14 +176,12 @@ ray)
 rank)
     INSITU_NODE=$(node_ip)
     export INSITU_NODE
-    # co-located placement: Ray and the analytics keep cores 0..K-1, ranks are bound to the others
-    if [[ ${INSITU_BIND_CPUS:-0} == 1 ]]; then
-        k=${INSITU_RAY_CPUS:-1}
-        ncores=$(nproc --all)
-        if ((ncores > k)); then
-            core=$((k + ${SLURM_LOCALID:-0} % (ncores - k)))
-            exec taskset -c "$core" "$@"
-        fi
+    # each local rank on its own CPUs of the plan (all of them with --cpus-per-task), OpenMP sized to them
+    cpus=$(bound_cpus rank "${SLURM_LOCALID:-0}")
+    if [[ -n $cpus ]]; then
+        n=$("${INSITU_PYTHON:-python3}" -c "import sys; from insitu.binding import parse_cpu_list as p; print(len(p(sys.argv[1])))" "$cpus")
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$n}
+        exec taskset -c "$cpus" "$@"
     fi
     exec "$@"
     ;;

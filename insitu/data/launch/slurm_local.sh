@@ -6,7 +6,9 @@
 #   insitu/data/launch/slurm_local.sh stop             # stops exactly the daemons it started (by pid file)
 #
 # Needs: apt-get install -y slurm-wlm munge. No systemd, no cgroups. Overridable:
-# INSITU_SLURM_BASE (state dir), INSITU_SLURM_PORT (slurmctld port; slurmd ports follow).
+# INSITU_SLURM_BASE (state dir), INSITU_SLURM_PORT (slurmctld port; slurmd ports follow),
+# INSITU_SLURM_CPUS (CPUs each node advertises, default 8), INSITU_SLURM_TASK_PLUGIN (default task/none;
+# task/affinity binds tasks with sched_setaffinity; task/cgroup is not usable with several slurmd on one host).
 set -euo pipefail
 
 BASE=${INSITU_SLURM_BASE:-/tmp/insitu-slurm}
@@ -46,7 +48,7 @@ SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=${INSITU_SLURM_TASK_PLUGIN:-task/none}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
