@@ -121,7 +121,7 @@ class Analytics:
         self._sets: list[tuple[str, Any]] = []
         self._done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
         self._executors: dict[str, Any] = {}
-        self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace)
+        self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace, deadline=self.config.deadline)
         self.info: RunInfo | None = None
 
     def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

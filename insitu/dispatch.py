@@ -6,34 +6,45 @@ LAN nodes and they cannot talk to it; such work would wait in PENDING_NODE_ASSIG
 forever. The head reaches every node, so work whose landing nodes are not all provably
 reachable from the caller is submitted by a relay actor pinned to the head.
 
+The relay belongs to the :class:`Dispatcher` that made it (a named, non-detached actor owned
+by the caller's process, ``insitu-relay-<run>-<tag>-<n>``): the actors it creates and the
+tasks it submits are its own, so when the caller's process dies (even by SIGKILL) Ray ends
+the relay and, with it, all of them; :meth:`Dispatcher.close` ends them when the run ends.
+Every wait inside the relay has the dispatcher's ``deadline``; a caller whose
+:meth:`Dispatched.get` times out cancels the relayed work.
+
 Roles come from the live node table: ``head`` (Ray's head resource), ``remote`` (the
 custom resource :data:`REMOTE_RESOURCE` that the launch scripts give tunneled nodes; the
 variable ``INSITU_NODE_ROLE=remote`` in the raylet's environment is the fallback for
 nodes started by hand, read by :func:`node_role_from_env`), ``lan`` (the rest).
 
-Examples
---------
->>> reachable(NodeRole.LAN, NodeRole.HEAD), reachable(NodeRole.REMOTE, NodeRole.LAN)
-(True, False)
->>> snap = Snapshot((NodeView("a", NodeRole.HEAD, frozenset()), NodeView("b", NodeRole.REMOTE, frozenset({"gpu"}))),
-...                 taken_at=0.0)
->>> decide("b", Placement(resources=frozenset({"gpu"})), snap, now=1.0).name
-'DIRECT'
->>> decide("b", Placement(), snap, now=1.0).name
-'RELAY'
+The reachability rule itself is pure and lives in :mod:`insitu.reach`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
-from insitu.errors import ConfigError, RelayLostError, UnreachableRefError
+from insitu.errors import ConfigError, RelayLostError, StepTimeoutError, UnreachableRefError
+from insitu.reach import (
+    HEAD_RESOURCE,
+    REMOTE_RESOURCE,
+    NodeRole,
+    NodeView,
+    Placement,
+    Route,
+    Snapshot,
+    decide,
+    node_role_from_env,
+    reachable,
+    snapshot_from_ray,
+)
 
 __all__ = [
     "HEAD_RESOURCE",
@@ -54,9 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-HEAD_RESOURCE = "node:__internal_head__"
-REMOTE_RESOURCE = "insitu_remote"
 
 
 @dataclass(frozen=True)
@@ -81,124 +89,6 @@ def _unwrap(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _unwrap(v) for k, v in value.items()}
     return value
-
-
-class NodeRole(Enum):
-    """Who can reach whom."""
-
-    HEAD = "head"
-    LAN = "lan"
-    REMOTE = "remote"
-
-
-class Route(Enum):
-    """How a dispatch is submitted."""
-
-    DIRECT = "direct"
-    RELAY = "relay"
-
-
-def reachable(src: NodeRole, dst: NodeRole, same_node: bool = False) -> bool:
-    """Whether a process on a ``src`` node can talk to a ``dst`` node directly.
-
-    The head reaches every node and every node reaches the head; LAN nodes reach each
-    other; a remote node reaches only itself and the head.
-    """
-    if same_node or src == NodeRole.HEAD or dst == NodeRole.HEAD:
-        return True
-    return src == NodeRole.LAN and dst == NodeRole.LAN
-
-
-def node_role_from_env(environ: Mapping[str, str] | None = None) -> NodeRole | None:
-    """Fallback marker: ``INSITU_NODE_ROLE`` (``head``, ``lan`` or ``remote``) in a process's environment."""
-    value = (os.environ if environ is None else environ).get("INSITU_NODE_ROLE", "").strip().lower()
-    if not value:
-        return None
-    try:
-        return NodeRole(value)
-    except ValueError:
-        raise ConfigError(f"INSITU_NODE_ROLE must be head, lan or remote; got {value!r}") from None
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """One alive node of the snapshot."""
-
-    node_id: str
-    role: NodeRole
-    resources: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The live node table at ``taken_at`` (monotonic seconds)."""
-
-    nodes: tuple[NodeView, ...]
-    taken_at: float
-    autoscaler: bool = False
-
-    def node(self, node_id: str) -> NodeView | None:
-        """The node with this id, or None if it is not (or no longer) in the table."""
-        return next((n for n in self.nodes if n.node_id == node_id), None)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where work may land, as far as dispatch needs to know.
-
-    ``node_id`` with ``soft=False``: hard node affinity. ``resources``: custom resources
-    the work asks for. ``strategy``: ``"SPREAD"``, a placement group, or any other
-    strategy makes the landing node unknown.
-    """
-
-    node_id: str | None = None
-    soft: bool = False
-    resources: frozenset[str] = frozenset()
-    strategy: str | None = None
-
-
-_STANDARD = {"CPU", "GPU", "memory", "object_store_memory"}
-
-
-def decide(caller: str, placement: Placement, snap: Snapshot, now: float, ttl: float = 5.0) -> Route:
-    """DIRECT only when every node the work could land on is provably reachable from ``caller``.
-
-    Fail-safe: an unknown caller, a node missing from the snapshot, a stale snapshot, an
-    autoscaler that could add nodes, soft affinity, SPREAD or a placement group, and no
-    constraint at all, all give RELAY. A caller on the head never relays.
-    """
-    me = snap.node(caller)
-    if me is None:
-        return Route.RELAY
-    if me.role == NodeRole.HEAD:
-        return Route.DIRECT
-    if placement.node_id is not None and not placement.soft:
-        target = snap.node(placement.node_id)
-        if target is None:
-            return Route.RELAY
-        return Route.DIRECT if reachable(me.role, target.role, target.node_id == me.node_id) else Route.RELAY
-    if placement.node_id is not None or placement.strategy is not None:
-        return Route.RELAY
-    custom = placement.resources - _STANDARD
-    if not custom or snap.autoscaler or now - snap.taken_at > ttl:
-        return Route.RELAY
-    landing = [n for n in snap.nodes if custom <= n.resources]
-    if not landing:
-        return Route.RELAY
-    ok = all(reachable(me.role, n.role, n.node_id == me.node_id) for n in landing)
-    return Route.DIRECT if ok else Route.RELAY
-
-
-def snapshot_from_ray(nodes: Iterable[Mapping[str, Any]], now: float, autoscaler: bool = False) -> Snapshot:
-    """A snapshot from ``ray.nodes()``: alive nodes only, roles from their resources."""
-    views = []
-    for n in nodes:
-        if not n.get("Alive"):
-            continue
-        res = frozenset(n.get("Resources", {}))
-        role = NodeRole.HEAD if HEAD_RESOURCE in res else NodeRole.REMOTE if REMOTE_RESOURCE in res else NodeRole.LAN
-        views.append(NodeView(n["NodeID"], role, res))
-    return Snapshot(tuple(views), now, autoscaler)
 
 
 def placement_of(options: Mapping[str, Any]) -> Placement:
@@ -263,13 +153,33 @@ def _check_options(options: Mapping[str, Any]) -> None:
 
 
 # -- the relay ------------------------------------------------------------------------------------
+async def _within(ref: Any, deadline: float, what: str, on_give_up: Callable[[], None]) -> Any:
+    """Await ``ref`` for at most ``deadline`` seconds; on timeout, or when the awaiting call is
+    cancelled (the caller gave up), ``on_give_up()`` ends the work first."""
+
+    async def wait() -> Any:
+        return await ref
+
+    try:
+        return await asyncio.wait_for(wait(), deadline)
+    except TimeoutError:
+        on_give_up()
+        raise StepTimeoutError(
+            f"relayed {what} not done within the dispatcher's deadline of {deadline:.0f} s; it was cancelled "
+            "(give the Dispatcher a larger deadline= for longer work)"
+        ) from None
+    except asyncio.CancelledError:
+        on_give_up()
+        raise
+
+
 def _relay_class() -> Any:
     import cloudpickle
     import ray
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class Relay:
-        """Submits work for callers that cannot reach where it lands (pinned to the head)."""
+        """Submits work for callers that cannot reach where it lands (pinned to the head, owned by the caller)."""
 
         def __init__(self) -> None:
             self._actors: dict[int, Any] = {}
@@ -279,44 +189,48 @@ def _relay_class() -> Any:
         def _remote_fn(self, fn: _ShippedFn) -> Any:
             return self._fns.use(fn.digest, lambda: ray.remote(_as_function(cloudpickle.loads(fn.blob))))
 
-        async def _resolve(self, value: Any) -> Any:
+        async def _resolve(self, value: Any, deadline: float) -> Any:
             if isinstance(value, ByRef):
                 return value.ref
             if isinstance(value, ray.ObjectRef):
                 try:
-                    return await value  # the head reaches every owner and location
+                    return await _within(value, deadline, f"read of object {value.hex()}", lambda: None)
                 except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
                     raise UnreachableRefError(
                         f"object {value.hex()} in the arguments cannot be read even from the head "
                         f"({type(exc).__name__}); pass the value itself or recreate the object"
                     ) from None
             if isinstance(value, (list, tuple)):
-                items = [await self._resolve(v) for v in value]
+                items = [await self._resolve(v, deadline) for v in value]
                 return type(value)(items) if isinstance(value, list) else tuple(items)
             if isinstance(value, dict):
-                return {k: await self._resolve(v) for k, v in value.items()}
+                return {k: await self._resolve(v, deadline) for k, v in value.items()}
             return value
 
         async def task(self, fn: _ShippedFn, args: tuple[Any, ...], kwargs: dict[str, Any],
-                       options: dict[str, Any]) -> Any:  # fmt: skip
-            args, kwargs = await self._resolve(args), await self._resolve(kwargs)
-            return await self._remote_fn(fn).options(**options).remote(*args, **kwargs)
+                       options: dict[str, Any], deadline: float) -> Any:  # fmt: skip
+            args, kwargs = await self._resolve(args, deadline), await self._resolve(kwargs, deadline)
+            ref = self._remote_fn(fn).options(**options).remote(*args, **kwargs)
+            return await _within(ref, deadline, f"task {fn.digest[:12]}", lambda: ray.cancel(ref))
 
         async def create(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         options: dict[str, Any]) -> int:  # fmt: skip
-            args, kwargs = await self._resolve(args), await self._resolve(kwargs)
-            handle = ray.remote(cls).options(**options).remote(*args, **kwargs)
-            await handle.__ray_ready__.remote()
+                         options: dict[str, Any], deadline: float) -> int:  # fmt: skip
+            args, kwargs = await self._resolve(args, deadline), await self._resolve(kwargs, deadline)
+            handle: Any = ray.remote(cls).options(**options).remote(*args, **kwargs)
+            await _within(handle.__ray_ready__.remote(), deadline, f"creation of a {cls.__name__}",
+                          lambda: ray.kill(handle))  # fmt: skip
             self._next += 1
             self._actors[self._next] = handle
             return self._next
 
-        async def call(self, key: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            args, kwargs = await self._resolve(args), await self._resolve(kwargs)
-            return await getattr(self._actors[key], method).remote(*args, **kwargs)
+        async def call(self, key: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       deadline: float) -> Any:  # fmt: skip
+            args, kwargs = await self._resolve(args, deadline), await self._resolve(kwargs, deadline)
+            ref = getattr(self._actors[key], method).remote(*args, **kwargs)
+            return await _within(ref, deadline, f"call {method}", lambda: ray.cancel(ref))
 
-        async def fetch(self, refs: list[Any]) -> list[Any]:
-            return [await r for r in refs]
+        async def fetch(self, refs: list[Any], deadline: float) -> list[Any]:
+            return [await _within(r, deadline, f"read of object {r.hex()}", lambda: None) for r in refs]
 
         async def drop(self, key: int) -> None:
             handle = self._actors.pop(key, None)
@@ -329,6 +243,19 @@ def _relay_class() -> Any:
     return Relay
 
 
+def _target_failure(exc: BaseException) -> BaseException | None:
+    """The target's own failure carried through the relay (the relay's method raised it), if ``exc`` is one.
+
+    A relay that died raises a bare ``RayActorError``; a target actor that died is seen by the relay,
+    which raises it from its method: the caller then gets a ``RayTaskError`` whose cause is it.
+    """
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return exc.cause if isinstance(exc.cause, BaseException) else exc
+    return None
+
+
 @dataclass
 class Dispatched:
     """A dispatched call; :meth:`get` waits for its result with a deadline."""
@@ -339,13 +266,32 @@ class Dispatched:
     on_lost: Callable[[], None] | None = None  # the dispatcher forgets the dead relay
 
     def get(self, timeout: float = 120.0) -> Any:
-        """The result; ``RelayLostError`` if the relay died carrying it (rerun once if retriable)."""
+        """The result within ``timeout`` seconds.
+
+        Raises
+        ------
+        StepTimeoutError
+            Not done within ``timeout``: the work (relayed or not) is cancelled.
+        RelayLostError
+            The relay died while carrying the call (rerun once through a new relay if retriable).
+        ray.exceptions.RayActorError
+            The *target* actor died (never a ``RelayLostError``, never rerun).
+        """
         import ray
 
         try:
             return ray.get(self.ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(self.ref)  # through the relay: its wait is cancelled, and cancels the work
+            raise StepTimeoutError(
+                f"{self.route.value} call not done within {timeout:.0f} s; it was cancelled "
+                "(pass a larger timeout to get() for longer work)"
+            ) from None
         except ray.exceptions.RayActorError as exc:
-            if self.route != Route.RELAY:
+            target = _target_failure(exc)
+            if target is not None and target is not exc:
+                raise target from exc  # the target actor's death, as such: never rerun
+            if self.route != Route.RELAY or target is not None:
                 raise
             if self.on_lost is not None:
                 self.on_lost()
@@ -369,8 +315,8 @@ class ActorProxy:
         """Call ``method`` on the actor (through the relay that created it, if relayed)."""
         if self.route == Route.DIRECT:
             return Dispatched(getattr(self.handle, method).remote(*_unwrap(args), **_unwrap(kwargs)), Route.DIRECT)
-        return Dispatched(self.relay.call.remote(self.key, method, args, kwargs), Route.RELAY,
-                          on_lost=self.dispatcher._forget_relay)  # fmt: skip
+        ref = self.relay.call.remote(self.key, method, args, kwargs, self.dispatcher.deadline)
+        return Dispatched(ref, Route.RELAY, on_lost=self.dispatcher._forget_relay)
 
     def kill(self) -> None:
         """End the actor (directly, or through the relay that holds it)."""
@@ -389,7 +335,9 @@ class Dispatcher:
     Parameters
     ----------
     run
-        Names the relay actor (``insitu-relay-<run>``), one per run.
+        Names the relay actor (``insitu-relay-<run>-<tag>-<n>``; ``close`` finds it by that name).
+    deadline
+        Seconds any relayed work, creation or read may take: the relay cancels it after that.
     ttl
         Seconds a node-table snapshot may be used for a "direct" answer.
     autoscaler
@@ -407,8 +355,11 @@ class Dispatcher:
     autoscaler: bool = False
     namespace: str = "insitu"
     relay_concurrency: int = 1000
+    deadline: float = 120.0
     _snap: Snapshot | None = field(default=None, init=False, repr=False)
     _relay: Any = field(default=None, init=False, repr=False)
+    _tag: str = field(default_factory=lambda: secrets.token_hex(4), init=False, repr=False)
+    _made: int = field(default=0, init=False, repr=False)
     # id(fn) -> [fn, its remote function, its shipped form]; fn is kept so that its id stays its own
     _fns: _Lru = field(default_factory=_Lru, init=False, repr=False)
 
@@ -429,28 +380,36 @@ class Dispatcher:
         me = ray.get_runtime_context().get_node_id()
         return decide(me, placement_of(options), self.snapshot(), time.monotonic(), self.ttl)
 
-    def relay(self) -> Any:
-        """The run's relay actor on the head (created on first use; a relay seen dead is replaced).
+    @property
+    def relay_prefix(self) -> str:
+        """The names of this dispatcher's relays start with it."""
+        return f"insitu-relay-{self.run}-{self._tag}-"
 
-        The handle is kept: a call that finds the relay dead makes the next call look it up again.
+    def relay(self) -> Any:
+        """This dispatcher's relay actor on the head (created on first use; a relay seen dead is replaced).
+
+        Every relay is named (``relay_prefix`` and a count) and owned by this process, not
+        detached: it, the actors it created and the tasks it submitted end with this process.
         """
         import ray
 
-        name = f"insitu-relay-{self.run}"
         if self._relay is not None:
             return self._relay
-        self._relay = _relay_class().options(
-            name=name, namespace=self.namespace, get_if_exists=True, lifetime="detached",
-            resources={HEAD_RESOURCE: 0.001}, max_concurrency=self.relay_concurrency,
+        self._made += 1
+        relay = _relay_class().options(
+            name=f"{self.relay_prefix}{self._made}", namespace=self.namespace, resources={HEAD_RESOURCE: 0.001},
+            max_concurrency=self.relay_concurrency,
         ).remote()  # fmt: skip
         try:
-            ray.get(self._relay.ping.remote(), timeout=60)
-        except ray.exceptions.RayActorError:  # a dead relay still registered under the name
-            self._relay = _relay_class().options(namespace=self.namespace, lifetime="detached",
-                                                 resources={HEAD_RESOURCE: 0.001},
-                                                 max_concurrency=self.relay_concurrency).remote()  # fmt: skip
-            ray.get(self._relay.ping.remote(), timeout=60)
-        return self._relay
+            ray.get(relay.ping.remote(), timeout=min(60.0, self.deadline))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            ray.kill(relay)
+            raise RelayLostError(
+                f"the relay {self.relay_prefix}{self._made} did not start on the head within "
+                f"{min(60.0, self.deadline):.0f} s ({type(exc).__name__}); is the head node alive and not full?"
+            ) from exc
+        self._relay = relay
+        return relay
 
     def task(self, fn: Callable[..., Any], *args: Any, options: Mapping[str, Any] | None = None,
              retriable: bool = False, **kwargs: Any) -> Dispatched:  # fmt: skip
@@ -462,7 +421,7 @@ class Dispatcher:
         shipped = self._shipped_fn(fn)
 
         def submit() -> Dispatched:
-            return Dispatched(self.relay().task.remote(shipped, args, kwargs, opts), Route.RELAY,
+            return Dispatched(self.relay().task.remote(shipped, args, kwargs, opts, self.deadline), Route.RELAY,
                               on_lost=self._forget_relay)  # fmt: skip
 
         first = submit()
@@ -500,16 +459,17 @@ class Dispatcher:
 
         opts = dict(options or {})
         if self.route(opts) == Route.DIRECT:
-            handle = ray.remote(cls).options(**opts).remote(*_unwrap(args), **_unwrap(kwargs))
+            handle: Any = ray.remote(cls).options(**opts).remote(*_unwrap(args), **_unwrap(kwargs))
             return ActorProxy(self, Route.DIRECT, handle=handle)
         for attempt in (1, 2):  # a relay found dead is replaced once: the actor died with it, if it was made
             relay = self.relay()
-            try:
-                key = ray.get(relay.create.remote(cls, args, kwargs, opts), timeout=120)
-            except ray.exceptions.RayActorError as exc:
+            creating = Dispatched(relay.create.remote(cls, args, kwargs, opts, self.deadline), Route.RELAY)
+            try:  # the actor's own failure (its __init__ raised) propagates as such, never retried
+                key = creating.get(self.deadline + 10)
+            except RelayLostError as exc:
                 self._forget_relay()
                 if attempt == 2:
-                    raise RelayLostError(f"the relay actor died while creating a {cls.__name__}: {exc}") from exc
+                    raise RelayLostError(f"the relay actor died twice while creating a {cls.__name__}: {exc}") from exc
                 continue
             return ActorProxy(self, Route.RELAY, key=key, relay=relay)
         raise AssertionError("unreachable")
@@ -525,20 +485,28 @@ class Dispatcher:
             return list(ray.get(refs, timeout=timeout))
 
         def submit() -> Dispatched:  # reading is idempotent: rerun through a new relay if one dies
-            return Dispatched(self.relay().fetch.remote(list(refs)), Route.RELAY, on_lost=self._forget_relay)
+            return Dispatched(self.relay().fetch.remote(list(refs), min(timeout, self.deadline)), Route.RELAY,
+                              on_lost=self._forget_relay)  # fmt: skip
 
         first = submit()
         first.resubmit = submit
         return first.get(timeout)
 
     def close(self) -> None:
-        """Remove the run's relay (and the actors it created), whichever process created it."""
+        """End every relay this dispatcher made (found by name), the actors they created and their tasks."""
         import ray
 
         relay, self._relay = self._relay, None
-        if relay is None:
-            try:
-                relay = ray.get_actor(f"insitu-relay-{self.run}", namespace=self.namespace)
-            except ValueError:  # no relay was ever needed
-                return
-        ray.kill(relay)
+        if relay is not None:
+            ray.kill(relay)
+        if not self._made:
+            return
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"] if isinstance(entry, dict) else str(entry)
+            if name.startswith(self.relay_prefix) and (
+                not isinstance(entry, dict) or entry["namespace"] == self.namespace
+            ):
+                try:
+                    ray.kill(ray.get_actor(name, namespace=self.namespace))
+                except ValueError:  # ended meanwhile
+                    continue

@@ -233,7 +233,7 @@ class NodeScheduler:
         for node, outputs, fut in futures:
             try:
                 values = fut.get(self._deadline)
-            except ray.exceptions.GetTimeoutError:
+            except StepTimeoutError:  # the node's work was cancelled
                 raise StepTimeoutError(
                     f"node {node} did not return {len(outputs)} partial result(s) within {self._deadline:.0f} s"
                 ) from None

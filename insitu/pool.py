@@ -66,6 +66,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_LONGEST_CALL = 3600.0  # seconds a pool call may run by default (plus pool_ready_deadline)
+
 Probe = Callable[[], bool]
 """A preemption probe: runs on a host, returns True when the host is about to go away."""
 
@@ -360,13 +362,13 @@ class PoolCall:
         """
         import ray
 
-        wait = timeout if timeout is not None else 3600.0 + self.pool.config.pool_ready_deadline
+        wait = timeout if timeout is not None else _LONGEST_CALL + self.pool.config.pool_ready_deadline
         end = time.monotonic() + wait
         out: dict[str, list[Any]] = {}
         for slice_id, part in self.parts.items():
             try:
                 out[slice_id] = part.get(max(0.0, end - time.monotonic()))
-            except ray.exceptions.GetTimeoutError:
+            except StepTimeoutError:  # cancelled on every host
                 raise StepTimeoutError(f"slice {slice_id}: call {self.call_id} not done within {wait:.0f} s") from None
             except (ray.exceptions.TaskCancelledError, ray.exceptions.RayError) as exc:
                 if self.cancelled:
@@ -397,7 +399,7 @@ class PoolCall:
                 continue
             try:
                 hosts = reserved.actor.call("cancel", self.call_id, deadline).get(deadline + 30)
-            except ray.exceptions.RayError:
+            except (ray.exceptions.RayError, StepTimeoutError):
                 hosts = ["slice actor gone"]
             if hosts:
                 log.warning(
@@ -450,7 +452,8 @@ class SlicePool:
         self.autoscaler = autoscaler
         self.config = config or Config.from_env()
         self.lost: set[str] = set()
-        self._dispatcher = Dispatcher(f"pool-{name}", autoscaler=autoscaler, namespace=self.config.namespace)
+        self._dispatcher = Dispatcher(f"pool-{name}", autoscaler=autoscaler, namespace=self.config.namespace,
+                                      deadline=_LONGEST_CALL + self.config.pool_ready_deadline)  # fmt: skip
         self._slices: dict[str, _Reserved] = {}
         self._ids = itertools.count(1)
         self._calls = itertools.count(1)
@@ -592,7 +595,7 @@ class SlicePool:
         for slice_id, reserved in list(self._slices.items()):
             try:
                 answers = reserved.actor.call("health", deadline).get(deadline + 10)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            except (ray.exceptions.RayError, StepTimeoutError) as exc:
                 bad[slice_id] = f"slice actor: {type(exc).__name__}"
                 continue
             problems = [f"host {i}: {a}" for i, a in enumerate(answers) if a]
@@ -653,7 +656,7 @@ class SlicePool:
                         try:
                             if reserved.actor.call("running").get(10) == 0:
                                 break
-                        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                        except (ray.exceptions.RayError, StepTimeoutError):
                             break
                         time.sleep(0.2)
                     else:

@@ -12,18 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from insitu.dispatch import (
-    Dispatcher,
-    NodeRole,
-    NodeView,
-    Placement,
-    Route,
-    Snapshot,
-    decide,
-    reachable,
-    snapshot_from_ray,
-)
+from insitu.dispatch import Dispatcher
 from insitu.errors import ConfigError
+from insitu.reach import NodeRole, NodeView, Placement, Route, Snapshot, decide, reachable, snapshot_from_ray
 from tests.conftest import LAUNCH, run_check
 
 H, L1, L2, R1, R2 = "head", "lan1", "lan2", "rem1", "rem2"
@@ -77,7 +68,7 @@ def test_roles_from_the_live_node_table() -> None:
 
 
 def test_env_marker_fallback() -> None:
-    from insitu.dispatch import node_role_from_env
+    from insitu.reach import node_role_from_env
 
     assert node_role_from_env({"INSITU_NODE_ROLE": "remote"}) == NodeRole.REMOTE
     assert node_role_from_env({}) is None

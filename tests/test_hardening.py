@@ -8,6 +8,8 @@ sizes checked (the number of keys, not of updates).
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +170,133 @@ def test_two_analytics_in_one_process_compute_on_their_own_schedulers_and_share_
     assert out["other_cluster_seconds"] < 5, "refused at once, not after trying to connect"
     assert out["connected_after"] is False, "the last Analytics to leave ends the connection insitu made"
     assert out["plain_dask_after"] == 45
+
+
+def _relay_kit() -> tuple[Any, Any]:
+    """A consumer actor (pinned to a LAN node, where unconstrained work is relayed) and its target class."""
+    import os
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from insitu.dispatch import Dispatcher
+    from insitu.errors import RelayLostError, StepTimeoutError
+
+    class Held:
+        def nap(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+        def die(self) -> None:
+            os._exit(1)
+
+    def ticking(path: str, seconds: int) -> None:
+        for _ in range(seconds):  # one tick a second: a stopped file means the task stopped
+            with open(path, "a") as fh:
+                fh.write(".")
+            time.sleep(1)
+
+    def counts_then_calls_a_dead_actor(path: str) -> None:
+        with open(path, "a") as fh:
+            fh.write(".")
+        dead = ray.remote(Held).options(num_cpus=0).remote()
+        ray.get(dead.die.remote())  # the target's death, inside the relayed work
+
+    def outcome(fn: Any) -> str:
+        try:
+            fn()
+        except RelayLostError:
+            return "RelayLostError"
+        except (StepTimeoutError, ray.exceptions.RayError) as exc:
+            return f"{type(exc).__name__}:{isinstance(exc, ray.exceptions.RayActorError)}"
+        return "no error"
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Consumer:
+        def __init__(self, run: str) -> None:
+            self.d = Dispatcher(run, deadline=60)
+            self.held: list[Any] = []
+            self.free = {"num_cpus": 0}  # no constraint: relayed from a LAN node
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def timeout_cancels(self, ticks: str) -> list[Any]:
+            began = time.monotonic()
+            got = outcome(lambda: self.d.task(ticking, ticks, 600, options=self.free).get(3))
+            return [got, time.monotonic() - began]
+
+        def target_dies(self) -> str:
+            fragile = self.d.actor(Held, options=self.free)
+            return outcome(lambda: fragile.call("die").get(60))
+
+        def retriable_target_failure(self, count: str) -> list[Any]:
+            task = self.d.task(counts_then_calls_a_dead_actor, count, options=self.free, retriable=True)
+            return [outcome(lambda: task.get(60)), len(Path(count).read_text())]
+
+        def hold(self, ticks: str) -> list[Any]:
+            """An actor busy for 10 minutes and a ticking task, both through the relay, never collected."""
+            held = self.d.actor(Held, options=self.free)
+            self.held += [held, held.call("nap", 600), self.d.task(ticking, ticks, 600, options=self.free)]
+            return [self.d.relay_prefix, held.route.value, self.held[-1].route.value]
+
+    return Consumer, Held
+
+
+def _alive_actors(address: str, run: str) -> list[str]:
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
+    return [f"{a.class_name}:{a.name}" for a in alive if (a.name or "").startswith(f"insitu-relay-{run}")
+            or a.class_name.endswith("Held")]  # fmt: skip
+
+
+def _stopped(path: Path, seconds: float = 3.0) -> bool:
+    before = path.stat().st_size
+    time.sleep(seconds)
+    return path.stat().st_size == before
+
+
+def test_relayed_work_has_deadlines_reports_target_failures_and_dies_with_its_consumer(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """Item 6: timeouts cancel relayed work, a target's death is not the relay's, SIGKILL reclaims everything."""
+    import os
+    import signal
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    run = run_name("relay")
+    lan = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == cluster.node_ips[1])
+    consumer_cls, _ = _relay_kit()
+    consumer = consumer_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(lan, soft=False)).remote(run)
+    pid = ray.get(consumer.pid.remote(), timeout=60)
+
+    first = tmp_path / "timeout.ticks"
+    got, seconds = ray.get(consumer.timeout_cancels.remote(str(first)), timeout=120)
+    assert got == "StepTimeoutError:False" and seconds < 15
+    assert _stopped(first), "the caller's timeout must cancel the relayed task"
+
+    assert ray.get(consumer.target_dies.remote(), timeout=120) == "ActorDiedError:True"  # not RelayLostError
+    count = tmp_path / "count"
+    got, runs = ray.get(consumer.retriable_target_failure.remote(str(count)), timeout=120)
+    assert got.startswith("ActorDiedError") and runs == 1, "retriable never reruns the target's failure"
+
+    ticks = tmp_path / "held.ticks"
+    prefix, actor_route, task_route = ray.get(consumer.hold.remote(str(ticks)), timeout=120)
+    assert (actor_route, task_route) == ("relay", "relay")
+    deadline = time.monotonic() + 30
+    while not ticks.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = _alive_actors(cluster.address, run)
+    assert any(a.endswith("Relay:" + prefix + "1") for a in alive) and any(a.startswith("Held") for a in alive), alive
+    assert not _stopped(ticks, 2.0)
+
+    os.kill(pid, signal.SIGKILL)  # the consumer's process dies without a word
+    reclaim = Config.from_env().replace(reclaim_deadline=30).reclaim_deadline
+    end = time.monotonic() + reclaim
+    while _alive_actors(cluster.address, run) and time.monotonic() < end:
+        time.sleep(1)
+    assert _alive_actors(cluster.address, run) == [], "the relay and the actors it made must die with the consumer"
+    assert _stopped(ticks), "the task the relay submitted must stop with it"
