@@ -36,7 +36,9 @@ __all__ = [
     "SlicePool",
     "SliceSpec",
     "__version__",
+    "open_recording",
     "print_debug_info",
+    "record",
 ]
 
 _LAZY = {
@@ -49,6 +51,8 @@ _LAZY = {
     "BridgeStats": "insitu.bridge",
     "ByRef": "insitu.dispatch",
     "Dispatcher": "insitu.dispatch",
+    "record": "insitu.record",
+    "open_recording": "insitu.record",
 }
 
 

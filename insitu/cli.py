@@ -1,4 +1,4 @@
-"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, build-shim, debug-info.
+"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, record, build-shim, debug-info.
 
 A user error (an :mod:`insitu.errors` exception, a missing file, a bad option, a cluster that
 cannot be reached) prints one line to stderr and exits non-zero; ``--debug`` shows its
@@ -130,6 +130,13 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    from insitu.record import main_record
+
+    arrays = [a for a in args.arrays.split(",") if a]
+    return main_record(args.run, arrays, args.out, args.every, args.address)
+
+
 def _steer(args: argparse.Namespace) -> int:
     import json
 
@@ -239,6 +246,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
     st.add_argument("assignment", help="key=value; the value is JSON if it parses, else a string")
     st.set_defaults(fn=_steer)
+    r = command("record", "record a run's arrays to a Zarr store, written where the blocks live")
+    r.add_argument("--run", default=None, help="run name (default INSITU_RUN)")
+    r.add_argument("--arrays", required=True, help="comma-separated array names")
+    r.add_argument("--every", type=int, default=1, help="record the steps that are multiples of K")
+    r.add_argument("--out", required=True, help="the Zarr v3 store (a directory every node sees)")
+    r.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
+    r.set_defaults(fn=_record)
     b = command("build-shim", "build libinsitu.so, the C/Fortran shim, for this Python")
     b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR, else "
                    "$XDG_CACHE_HOME/insitu/shim/<version-python-mpi>, ~/.cache when XDG_CACHE_HOME is unset)")

@@ -1,0 +1,72 @@
+"""Record a run to Zarr next to its analytics, open it with xarray (insitu.record)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import HEAT2D_PY, HEAT_STATS, mpi_command, run_coupled, run_name
+from tests.test_consumers import wait_consumers
+
+pytestmark = pytest.mark.cluster
+
+
+def cluster_nodes(cluster: Any) -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] in cluster.node_ips]
+
+
+def test_record_next_to_the_analytics_then_open_with_xarray(cluster: Any, tmp_path: Path) -> None:
+    import zarr
+
+    import insitu
+
+    run = run_name("rec")
+    env = {**os.environ, **cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60"}
+    store, dump = tmp_path / "rec.zarr", tmp_path / "dump"
+    recorder = subprocess.Popen([sys.executable, "-m", "insitu", "record", "--arrays", "temperature", "--every", "2",
+                                 "--out", str(store)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    try:
+        wait_consumers(run, 1)
+        heat2d = [sys.executable, str(HEAT2D_PY), "--nx", "40", "--ny", "36", "--steps", "11", "--dump", str(dump)]
+        ana = [sys.executable, str(HEAT_STATS), "--out", str(tmp_path / "out"), "--print-every", "100"]
+        run_coupled(mpi_command(4, cluster.node_ips, heat2d), ana, env)
+        out, err = recorder.communicate(timeout=120)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+    assert recorder.returncode == 0, err[-3000:]
+    assert "recorded 6 steps" in err and "last step 10" in err, err
+    assert "6 steps of temperature" in out
+
+    ds = insitu.open_recording(store)
+    assert ds.temperature.dims == ("step", "temperature_d0", "temperature_d1")
+    assert list(ds.step.values) == [0, 2, 4, 6, 8, 10]
+    assert ds.time.dtype == np.dtype("datetime64[ns]") and bool((np.diff(ds.time.values) >= np.timedelta64(0)).all())
+    for step in ds.step.values:
+        np.testing.assert_array_equal(ds.temperature.sel(step=step).values, np.load(dump / f"step{step:05d}.npy"))
+    meta = ds.attrs["insitu"]
+    assert meta["run"] == run and meta["size"] == 4 and meta["every"] == 2
+    assert meta["arrays"]["temperature"]["chunks"] == [[20, 20], [18, 18]]
+    assert sorted(r for _, r in meta["arrays"]["temperature"]["owners"]) == [0, 1, 2, 3]
+    # each block was written by the node holding it: both raylets wrote, 1/2 of the bytes each
+    by_node = meta["bytes_by_node"]
+    assert sorted(by_node) == sorted(n["NodeID"] for n in cluster_nodes(cluster))
+    assert set(by_node.values()) == {6 * 40 * 36 * 8 // 2}
+    # an even 2 x 2 split: one Zarr chunk per block and step
+    assert zarr.open_group(store, mode="r")["temperature"].chunks == (1, 20, 18)
+
+
+def test_uneven_blocks_get_a_chunk_grid_that_divides_every_block() -> None:
+    from insitu.record import zarr_chunks
+
+    assert zarr_chunks(((21, 20), (18, 18))) == (1, 18)
+    assert zarr_chunks(((12, 8, 4),)) == (4,)
