@@ -20,35 +20,36 @@ launch scripts give GPU or emulated CPU slices such a resource). A :class:`Slice
   ``pool_cancel_deadline`` is replaced), and drains (graceful, then forced), leaving no actor
   and no placement group.
 
-Examples
---------
->>> spec = SliceSpec(hosts=2, cpus_per_host=1)
->>> spec.bundle("insitu_slice_a")
-{'insitu_slice_a': 1.0, 'CPU': 1.0}
->>> slice_names([{"Alive": True, "Resources": {"insitu_slice_a": 1.0}},
-...              {"Alive": True, "Resources": {"insitu_slice_a": 1.0}},
-...              {"Alive": True, "Resources": {"insitu_slice_b": 1.0}}], spec)
-['insitu_slice_a']
+The pieces live in :mod:`insitu.slices` (specs, host environment, discovery, probes) and
+:mod:`insitu.pool_actors` (the slice and host actors); their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import inspect
 import itertools
 import logging
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE, ActorProxy, Dispatcher
 from insitu.errors import ConfigError, InsufficientSlicesError, SliceLostError, StepTimeoutError, TaskCancelledError
+from insitu.pool_actors import _Slice
+from insitu.slices import (
+    DeviceKind,
+    Grouping,
+    HostEnv,
+    Probe,
+    SliceInfo,
+    SliceSpec,
+    file_probe,
+    metadata_probe,
+    request_slices,
+    slice_names,
+)
 
 __all__ = [
     "DeviceKind",
@@ -67,267 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _LONGEST_CALL = 3600.0  # seconds a pool call may run by default (plus pool_ready_deadline)
-
-Probe = Callable[[], bool]
-"""A preemption probe: runs on a host, returns True when the host is about to go away."""
-
-
-class DeviceKind(enum.StrEnum):
-    """What a host computes on."""
-
-    GPU = "GPU"
-    TPU = "TPU"
-    CPU = "CPU"
-
-
-class Grouping(enum.StrEnum):
-    """How :meth:`SlicePool.run` returns per-host results."""
-
-    SLICE = "slice"
-    """``{slice_id: [host 0 result, host 1 result, ...]}``."""
-    FLAT = "flat"
-    """One list, slices in pool order, hosts in index order."""
-
-
-@dataclass(frozen=True)
-class SliceSpec:
-    """The shape of every slice of a pool.
-
-    Parameters
-    ----------
-    hosts
-        Hosts per slice (bundles per placement group).
-    prefix
-        Custom-resource prefix naming slices: a node carrying ``<prefix>a`` is a host of slice ``a``.
-    cpus_per_host, gpus_per_host, tpus_per_host
-        Reserved in every bundle and given to the host actor.
-    """
-
-    hosts: int
-    prefix: str = "insitu_slice_"
-    cpus_per_host: float = 1.0
-    gpus_per_host: float = 0.0
-    tpus_per_host: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.hosts, int) or self.hosts < 1:
-            raise ConfigError(f"a slice needs hosts >= 1; got {self.hosts!r}")
-        if not self.prefix:
-            raise ConfigError("the slice resource prefix must not be empty (e.g. 'insitu_slice_')")
-        for name in ("cpus_per_host", "gpus_per_host", "tpus_per_host"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-
-    def bundle(self, resource: str) -> dict[str, float]:
-        """One host's bundle: the slice's resource plus the per-host devices."""
-        out = {resource: 1.0}
-        for key, amount in (("CPU", self.cpus_per_host), ("GPU", self.gpus_per_host), ("TPU", self.tpus_per_host)):
-            if amount:
-                out[key] = float(amount)
-        return out
-
-
-@dataclass(frozen=True)
-class HostEnv:
-    """What a function run on a pool host learns about where it runs.
-
-    ``state`` is a per-host dictionary that lives as long as the host actor: keep a model, a
-    process group or a cache there between calls.
-    """
-
-    slice_id: str
-    slice_name: str
-    host_index: int
-    hosts: int
-    node_id: str
-    node_ip: str
-    device_kind: DeviceKind
-    devices: tuple[str, ...]
-    state: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def device_count(self) -> int:
-        """Accelerators assigned to this host (0 on a CPU host)."""
-        return len(self.devices)
-
-
-@dataclass(frozen=True)
-class SliceInfo:
-    """One reserved slice: its id (new for every reservation), resource name and hosts."""
-
-    slice_id: str
-    name: str
-    node_ids: tuple[str, ...]
-    node_ips: tuple[str, ...]
-
-
-def slice_names(nodes: Iterable[Mapping[str, Any]], spec: SliceSpec) -> list[str]:
-    """Slice resources carried by at least ``spec.hosts`` alive nodes (from ``ray.nodes()``)."""
-    count: dict[str, int] = {}
-    for n in nodes:
-        if not n.get("Alive"):
-            continue
-        for key, amount in n.get("Resources", {}).items():
-            if key.startswith(spec.prefix) and amount >= 1:
-                count[key] = count.get(key, 0) + 1
-    return sorted(k for k, c in count.items() if c >= spec.hosts)
-
-
-def request_slices(spec: SliceSpec, count: int, resources: Sequence[str] = ()) -> list[dict[str, float]]:
-    """Ask an autoscaler for ``count`` slices (``ray.autoscaler.sdk.request_resources``); returns the bundles.
-
-    ``resources`` names the slices wanted; without names the bundles ask for the devices only
-    (the autoscaler's node types then decide the slice resource).
-    """
-    from ray.autoscaler.sdk import request_resources
-
-    names = list(resources) or [""] * count
-    bundles = []
-    for name in names[:count]:
-        b = spec.bundle(name) if name else {k: v for k, v in spec.bundle("x").items() if k != "x"}
-        bundles += [b] * spec.hosts
-    request_resources(bundles=bundles)
-    return bundles
-
-
-def metadata_probe(url: str, headers: Mapping[str, str] | None = None, expect: str = "TRUE",
-                   timeout: float = 2.0) -> Probe:  # fmt: skip
-    """A probe reading a cloud metadata endpoint (e.g. GCE's ``.../instance/preempted``).
-
-    Preempted when the body, stripped, equals ``expect``; an unreachable endpoint counts as not
-    preempted (the health check's own deadline catches a dead host).
-    """
-
-    def probe() -> bool:
-        req = urllib.request.Request(url, headers=dict(headers or {}))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the site configures the URL
-                return resp.read().decode(errors="replace").strip() == expect
-        except OSError:
-            return False
-
-    return probe
-
-
-def file_probe(path: str | Path) -> Probe:
-    """A probe for a SLURM preemption signal: the batch script's trap creates ``path``.
-
-    For example ``#SBATCH --signal=B:USR2@120`` and ``trap 'touch "$INSITU_PREEMPT_FLAG"' USR2``
-    on a shared file system.
-    """
-    flag = Path(path)
-    return flag.exists
-
-
-# -- actors ---------------------------------------------------------------------------------------
-class _Host:
-    """One host of a slice: runs the pool's functions (async: a call can be cancelled)."""
-
-    def __init__(self, slice_id: str, slice_name: str, index: int, hosts: int, probe: Probe | None) -> None:
-        import ray
-
-        ctx = ray.get_runtime_context()
-        ids = ctx.get_accelerator_ids()
-        kind = DeviceKind.GPU if ids.get("GPU") else DeviceKind.TPU if ids.get("TPU") else DeviceKind.CPU
-        devices = tuple(str(d) for d in ids.get(kind.value, [])) if kind != DeviceKind.CPU else ()
-        ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), "")
-        self._env = HostEnv(slice_id, slice_name, index, hosts, ctx.get_node_id(), ip, kind, devices)
-        self._probe = probe
-        self._busy = 0
-        self._lock = threading.Lock()
-
-    def _tracked(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        with self._lock:
-            self._busy += 1
-        try:
-            return fn(self._env, *args, **kwargs)
-        finally:
-            with self._lock:
-                self._busy -= 1
-
-    async def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            return await fn(self._env, *args, **kwargs)
-        return await asyncio.to_thread(self._tracked, fn, args, kwargs)
-
-    async def where(self) -> tuple[str, str]:
-        return self._env.node_id, self._env.node_ip
-
-    async def busy(self) -> int:
-        return self._busy
-
-    async def health(self) -> str:
-        """'' when healthy, else why not."""
-        if self._probe is not None:
-            preempted = await asyncio.to_thread(self._probe)
-            if preempted:
-                return "preemption probe fired"
-        return ""
-
-
-class _Slice:
-    """Owns one host actor per bundle of its placement group; fans work out to them."""
-
-    def __init__(self, slice_id: str, name: str, pg: Any, spec: SliceSpec, probe: Probe | None) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self._hosts = []
-        for i in range(spec.hosts):
-            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-            opts: dict[str, Any] = {"scheduling_strategy": strategy, "num_cpus": spec.cpus_per_host,
-                                    "resources": {name: 1.0}, "max_concurrency": 64}  # fmt: skip
-            if spec.gpus_per_host:
-                opts["num_gpus"] = spec.gpus_per_host
-            if spec.tpus_per_host:
-                opts["resources"]["TPU"] = spec.tpus_per_host
-            self._hosts.append(ray.remote(_Host).options(**opts).remote(slice_id, name, i, spec.hosts, probe))
-        self._calls: dict[int, list[Any]] = {}
-
-    async def start(self) -> list[tuple[str, str]]:
-        return list(await asyncio.gather(*(h.where.remote() for h in self._hosts)))
-
-    async def run(self, call_id: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list:
-        refs = [h.run.remote(fn, args, kwargs) for h in self._hosts]
-        self._calls[call_id] = refs
-        try:
-            return list(await asyncio.gather(*refs))
-        finally:
-            self._calls.pop(call_id, None)
-
-    async def cancel(self, call_id: int, deadline: float) -> list[int]:
-        """Cancel a call on every host; the hosts still busy after ``deadline`` s."""
-        import ray
-
-        for ref in self._calls.get(call_id, []):
-            ray.cancel(ref)
-        end = time.monotonic() + deadline
-        stuck = list(range(len(self._hosts)))
-        while stuck and time.monotonic() < end:
-            busy = await asyncio.gather(*(self._hosts[i].busy.remote() for i in stuck), return_exceptions=True)
-            stuck = [i for i, b in zip(stuck, busy, strict=True) if not (b == 0)]
-            if stuck:
-                await asyncio.sleep(0.2)
-        return stuck
-
-    async def running(self) -> int:
-        return len(self._calls)
-
-    async def health(self, deadline: float) -> list[str]:
-        """Per host: '' when healthy, else why not (dead, unresponsive, probe)."""
-
-        async def one(h: Any) -> str:
-            try:
-                return str(await asyncio.wait_for(h.health.remote(), deadline))
-            except TimeoutError:
-                return f"no answer within {deadline:.0f} s"
-            except Exception as exc:  # a dead host actor: RayActorError
-                return f"{type(exc).__name__}"
-
-        return list(await asyncio.gather(*(one(h) for h in self._hosts)))
-
-    def hosts(self) -> list[Any]:
-        return list(self._hosts)
 
 
 # -- the pool -------------------------------------------------------------------------------------
@@ -429,6 +169,13 @@ class SlicePool:
         Ask an autoscaler for missing slices (:func:`request_slices`) before waiting.
     config
         Deadlines (``pool_*`` fields, ``INSITU_POOL_*``), read when used.
+    on_shutdown
+        ``fn(env)`` run on every host of a slice before its hosts are killed when the pool scales
+        down or drains gracefully (save a checkpoint, leave a process group); not run for a lost,
+        unhealthy or forcibly drained slice.
+    shutdown_deadline
+        Seconds ``on_shutdown`` may take on a slice (default ``pool_drain_deadline``); the hosts are
+        killed when it passes.
 
     Examples
     --------
@@ -441,7 +188,9 @@ class SlicePool:
     """
 
     def __init__(self, spec: SliceSpec, sizes: Sequence[int], *, name: str = "pool", probe: Probe | None = None,
-                 autoscaler: bool = False, config: Config | None = None) -> None:  # fmt: skip
+                 autoscaler: bool = False, config: Config | None = None,
+                 on_shutdown: Callable[[HostEnv], Any] | None = None,
+                 shutdown_deadline: float | None = None) -> None:  # fmt: skip
         allowed = sorted({int(s) for s in sizes}, reverse=True)
         if not allowed or allowed[-1] < 0:
             raise ConfigError(f"allowed pool sizes must be a non-empty list of counts >= 0; got {list(sizes)!r}")
@@ -452,6 +201,11 @@ class SlicePool:
         self.autoscaler = autoscaler
         self.config = config or Config.from_env()
         self.lost: set[str] = set()
+        self.on_shutdown = on_shutdown
+        self.shutdown_deadline = float(self.config.pool_drain_deadline if shutdown_deadline is None
+                                       else shutdown_deadline)  # fmt: skip
+        if self.shutdown_deadline < 0:
+            raise ConfigError(f"shutdown_deadline must be >= 0 seconds; got {shutdown_deadline!r}")
         self._dispatcher = Dispatcher(f"pool-{name}", autoscaler=autoscaler, namespace=self.config.namespace,
                                       deadline=_LONGEST_CALL + self.config.pool_ready_deadline)  # fmt: skip
         self._slices: dict[str, _Reserved] = {}
@@ -491,7 +245,7 @@ class SlicePool:
             for n in allowed:
                 if n <= self.size:
                     for slice_id in list(self._slices)[n:]:
-                        self._remove(slice_id, "scaled down")
+                        self._remove(slice_id, "scaled down", shutdown=True)
                     return n
                 if self._grow(n - self.size):
                     return n
@@ -536,34 +290,57 @@ class SlicePool:
             for _, pg in made:
                 remove_placement_group(pg)
             return False
-        for name, pg in made:
-            self._start_slice(name, pg)
+        started: list[str] = []
+        try:  # all or nothing: a start that fails removes every slice and placement group of this attempt
+            for name, pg in made:
+                started.append(self._start_slice(name, pg))
+        except BaseException:
+            failed = len(started)
+            log.warning("pool %s: starting slice %s failed; removing the %d placement group(s) of this start",
+                        self.name, made[failed][0], len(made))  # fmt: skip
+            for slice_id in started:
+                self._remove(slice_id, "a slice of the same start failed")
+            for _, pg in made[failed:]:
+                remove_placement_group(pg)
+            raise
         return True
 
-    def _start_slice(self, name: str, pg: Any) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
+    def _start_slice(self, name: str, pg: Any) -> str:
+        """Start the slice actor of a ready placement group; the new slice id. On failure nothing is left
+        but the placement group (the caller removes it)."""
         slice_id = f"{name}#{next(self._ids)}"
         options = {"resources": {HEAD_RESOURCE: 0.001}, "num_cpus": 0, "max_concurrency": 1000}
         actor = self._dispatcher.actor(_Slice, slice_id, name, pg, self.spec, self.probe, options=options)
         try:
             where = actor.call("start").get(self.config.pool_ready_deadline)
-        except (ray.exceptions.RayError, StepTimeoutError):
+        except BaseException:
             actor.kill()
-            remove_placement_group(pg)
             raise
         info = SliceInfo(slice_id, name, tuple(w[0] for w in where), tuple(w[1] for w in where))
         self._slices[slice_id] = _Reserved(info, pg, actor)
         log.info("pool %s: slice %s on %s", self.name, slice_id, ", ".join(info.node_ips))
+        return slice_id
 
-    def _remove(self, slice_id: str, why: str) -> None:
+    def _remove(self, slice_id: str, why: str, shutdown: bool = False) -> None:
+        """Kill a slice's actors and remove its placement group; with ``shutdown``, run the user's
+        shutdown hook on every host first (at most ``shutdown_deadline`` seconds)."""
+        import ray
         from ray.util.placement_group import remove_placement_group
 
         reserved = self._slices.pop(slice_id, None)
         if reserved is None:
             return
         log.info("pool %s: removing slice %s (%s)", self.name, slice_id, why)
+        if shutdown and self.on_shutdown is not None:
+            try:
+                late = reserved.actor.call("shutdown", self.on_shutdown, self.shutdown_deadline).get(
+                    self.shutdown_deadline + 30
+                )
+            except (ray.exceptions.RayError, StepTimeoutError) as exc:
+                late = [f"slice actor: {type(exc).__name__}"]
+            if any(late):
+                log.warning("pool %s: shutdown hook on slice %s: %s; killing its hosts", self.name, slice_id,
+                            "; ".join(f"host {i}: {why}" for i, why in enumerate(late) if why))  # fmt: skip
         reserved.actor.kill()  # its host actors are owned by it and end with it
         remove_placement_group(reserved.pg)
 
@@ -662,7 +439,7 @@ class SlicePool:
                     else:
                         log.warning("pool %s: work still running on %s after the drain deadline", self.name, slice_id)
             for slice_id in list(self._slices):
-                self._remove(slice_id, "drained")
+                self._remove(slice_id, "drained", shutdown=graceful)
         self._dispatcher.close()
 
     def close(self) -> None:

@@ -139,3 +139,72 @@ def test_pool_on_a_real_cluster_emulating_two_slices_of_two_hosts() -> None:
     # drain: no host actor, no placement group left
     assert got["hosts_seen"] == got["hosts_dead"] > 0
     assert got["pgs_left"] == [] and got["size_after_drain"] == 0
+
+
+class _UnpicklableProbe:
+    """A preemption probe holding a lock: it cannot travel to the hosts, so a slice cannot start."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        return False
+
+
+def _node_slices(hosts: int = 1) -> SliceSpec:
+    """Each raylet of the session's cluster as a slice of one host: its ``node:<ip>`` resource names it."""
+    return SliceSpec(hosts=hosts, prefix="node:127.", cpus_per_host=0)
+
+
+def _pgs(prefix: str) -> list[str]:
+    import ray
+
+    return [pg["state"] for pg in ray.util.placement_group_table().values() if pg["name"].startswith(prefix)]
+
+
+@pytest.mark.cluster
+def test_a_pool_whose_start_fails_removes_every_placement_group_it_made(cluster: Any) -> None:
+    name = f"fail{threading.get_ident() % 10000}"
+    pool = SlicePool(_node_slices(), sizes=[2], name=name, probe=_UnpicklableProbe(),
+                     config=Config(pool_ready_deadline=30))  # fmt: skip
+    with pytest.raises(TypeError, match="pickle"):
+        pool.scale()
+    states = _pgs(f"insitu-{name}-")
+    assert len(states) == 2 and set(states) == {"REMOVED"}, states  # both were made, and both removed
+    assert pool.size == 0
+    pool.drain()
+
+
+@pytest.mark.cluster
+def test_scale_down_runs_the_shutdown_hook_on_the_hosts_within_its_deadline_then_kills_them(
+    cluster: Any, tmp_path: Path
+) -> None:
+    import os
+    import time
+
+    from ray.util.state import list_actors
+
+    def checkpoint_then_hang(env: Any) -> None:
+        (tmp_path / env.slice_id).write_text(str(os.getpid()))
+        time.sleep(600)  # a hook that never ends: the deadline cuts it
+
+    name = f"hook{threading.get_ident() % 10000}"
+    pool = SlicePool(_node_slices(), sizes=[2, 1], name=name, config=Config(pool_ready_deadline=30),
+                     on_shutdown=checkpoint_then_hang, shutdown_deadline=2)  # fmt: skip
+    assert pool.scale() == 2
+    kept, dropped = [s.slice_id for s in pool.slices()]
+    began = time.monotonic()
+    assert pool.scale([1]) == 1
+    assert 2 <= time.monotonic() - began < 20
+    assert [p.name for p in tmp_path.iterdir()] == [dropped]  # the hook ran on the dropped slice's host only
+    host_pid = int((tmp_path / dropped).read_text())
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        hosts = list_actors(address=cluster.address, filters=[("pid", "=", host_pid)], raise_on_missing_output=False)
+        if hosts and all(h.state == "DEAD" for h in hosts):
+            break
+        time.sleep(0.5)
+    assert hosts and all(h.state == "DEAD" for h in hosts), "the host is killed after its hook's deadline"
+    pool.drain(graceful=True)  # a graceful drain runs the hook too
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept, dropped])
+    assert set(_pgs(f"insitu-{name}-")) == {"REMOVED"}
