@@ -22,7 +22,6 @@ import pytest
 from tests.conftest import HEAT2D_PY, HEAT_STATS, mpi_command, run_coupled, run_name
 
 pytestmark = pytest.mark.cluster
-mpl_image = pytest.importorskip("matplotlib.image", reason="the plots need matplotlib: pip install -e '.[plot]'")
 
 NX, NY = 40, 36
 NO_MATPLOTLIB = "heat_stats: matplotlib is not installed (pip install 'insitu[plot]'): plots are off"
@@ -66,7 +65,9 @@ def _assert_lines_match_fields(lines: list[dict[str, Any]], dump: Path, steps: i
 
 
 def _assert_picture(path: Path) -> None:
-    image = mpl_image.imread(path)
+    from matplotlib.image import imread
+
+    image = imread(path)
     assert image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) >= 200, image.shape
     assert image[..., :3].std() > 0.05  # drawn, not blank
 
@@ -75,6 +76,7 @@ def _assert_picture(path: Path) -> None:
 def test_stats_lines_snapshots_with_a_fixed_colour_range_and_the_time_series(
     cluster: Any, tmp_path: Path, colour_range: tuple[float, float] | None
 ) -> None:
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib: pip install -e '.[plot]'")
     steps, out, dump = 23, tmp_path / "out", tmp_path / "dump"
     ana = [sys.executable, str(HEAT_STATS), "--out", str(out), "--png-every", "10", "--plot-every", "7",
            "--print-every", "100"]  # fmt: skip
