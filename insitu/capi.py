@@ -34,7 +34,8 @@ from insitu.errors import (
     StepTimeoutError,
 )
 
-__all__ = ["CBridge", "CDtype", "COrder", "CStatus", "DTYPES", "finalize", "get", "init", "send"]
+__all__ = ["CBridge", "CDtype", "COrder", "CStatus", "DTYPES", "check_mpi", "finalize", "get", "init", "mpi_needed",
+           "send"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ class CStatus(IntEnum):
     ERR_RUNTIME = 11
     ERR_VERSION = 12
     DISABLED = 13
+    ERR_MPI_MISMATCH = 14
 
 
-FATAL = frozenset({CStatus.ERR_CONTRACT, CStatus.ERR_TIMEOUT, CStatus.ERR_ANALYTICS, CStatus.ERR_RUNTIME})
+FATAL = frozenset({CStatus.ERR_CONTRACT, CStatus.ERR_TIMEOUT, CStatus.ERR_ANALYTICS, CStatus.ERR_RUNTIME,
+                   CStatus.ERR_MPI_MISMATCH})  # fmt: skip
 
 
 class CDtype(IntEnum):
@@ -71,6 +74,7 @@ class CDtype(IntEnum):
     INT64 = 2
     INT32 = 3
     UINT8 = 4
+    INT8 = 5
 
 
 class COrder(IntEnum):
@@ -94,6 +98,7 @@ DTYPES: dict[int, np.dtype[Any]] = {
     CDtype.INT64: np.dtype("i8"),
     CDtype.INT32: np.dtype("i4"),
     CDtype.UINT8: np.dtype("u1"),
+    CDtype.INT8: np.dtype("i1"),
 }
 
 
@@ -186,6 +191,34 @@ def _decl(decl: tuple[Any, ...], cart: Any) -> Any:
                                                 f"{spec.global_shape}")  # fmt: skip
         return spec
     return ArraySpec(name, g, dtype, start=_shape(start, ndim, f"array {name!r}: start"), shape=local)
+
+
+def mpi_needed() -> tuple[int, str, str, str]:
+    """First half of ``insitu_start_mpi``: (status, message, mpi4py's MPI extension, the libmpi it needs).
+
+    Never imports ``mpi4py.MPI`` (:func:`insitu.mpilib.mpi4py_extension`).
+    """
+    from insitu.mpilib import mpi4py_extension
+
+    try:
+        extension, soname = mpi4py_extension()
+    except Exception as exc:  # noqa: BLE001 - no exception may cross into C
+        return int(CStatus.ERR_MPI_MISMATCH), f"cannot tell which MPI library mpi4py would use: {exc}", "", ""
+    return int(CStatus.OK), "", str(extension), soname
+
+
+def check_mpi(program_version: str | None, program_path: str | None, extension: str, soname: str,
+              loaded_path: str | None, same: int) -> tuple[int, str]:  # fmt: skip
+    """Second half of ``insitu_start_mpi``: the verdict of :func:`insitu.mpilib.verdict` as (status, message)."""
+    from insitu.mpilib import locate, verdict
+
+    try:
+        elsewhere = None if loaded_path else locate(soname)
+        why = verdict(program_version or "", program_path, extension, soname, loaded_path, bool(same),
+                      str(elsewhere) if elsewhere else None)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - no exception may cross into C
+        return int(CStatus.ERR_MPI_MISMATCH), f"cannot compare the MPI libraries: {exc}"
+    return (int(CStatus.OK), "") if why is None else (int(CStatus.ERR_MPI_MISMATCH), why)
 
 
 def init(comm_f: int, run: str | None, decls: list[tuple[Any, ...]] | None) -> tuple[int, str, CBridge]:

@@ -154,7 +154,9 @@ def build_shim(prefix: str | Path | None = None, python: str | None = None, mpi_
             cmd = [*shlex.split(cc), "-shared", "-fPIC", "-O2", "-std=c11", "-Wall", "-Wextra",
                    f"-I{include}", f"-I{src / 'include'}", f'-DINSITU_PYTHON_DEFAULT="{python}"',
                    str(src / "src" / "insitu.c"), "-o", str(tmp),
-                   f"-L{libdir}", f"-Wl,-rpath,{libdir}", f"-lpython{version}"]  # fmt: skip
+                   # the shim's own directory first: its libmpi.so.12 link decides which file the name
+                   # denotes when insitu_start_mpi pins it (insitu/mpilib.py)
+                   f"-L{libdir}", f"-Wl,-rpath,{lib_dir}:{libdir}", f"-lpython{version}", "-ldl"]  # fmt: skip
             log.info("building libinsitu: %s", shlex.join(cmd))
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

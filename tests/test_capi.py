@@ -1,7 +1,8 @@
-"""The C and Fortran shim: build, heat2d in three languages, bad calls, no cluster, stub build.
+"""The C and Fortran shim: build, heat2d in three languages, bad calls, no cluster, stub build, one MPI per process.
 
 Needs Debian's MPICH with Fortran (``apt-get install mpich libmpich-dev gfortran``; `.ci/run`
-installs it); skipped with the reason printed when it is absent.
+installs it); skipped with the reason printed when it is absent. The Open MPI refusal needs
+Debian's Open MPI (``libopenmpi-dev openmpi-bin``, also installed by `.ci/run`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from insitu.capi import CStatus
-from tests.conftest import DATA, ROOT, run_name
+from insitu.capi import CDtype, CStatus
+from tests.conftest import DATA, ROOT, mpi_command, run_coupled, run_name
 
 MPICC = shutil.which("mpicc.mpich")
 MPIF90 = shutil.which("mpif90.mpich")
 MPIEXEC = shutil.which("mpiexec.mpich")
+OMPICC, OMPIF90, OMPIEXEC = (shutil.which(f"{n}.openmpi") for n in ("mpicc", "mpif90", "mpiexec"))
 C_DIR = DATA / "c"
 TESTS = ROOT / "tests" / "capi"
 NX, NY, STEPS = 30, 27, 12  # uneven over a 2x2 grid
@@ -33,6 +35,14 @@ needs_mpich = pytest.mark.skipif(
     not (MPICC and MPIF90 and MPIEXEC),
     reason="Debian MPICH with Fortran is not installed (apt-get install -y mpich libmpich-dev gfortran)",
 )
+
+
+needs_openmpi = pytest.mark.skipif(
+    not (OMPICC and OMPIF90 and OMPIEXEC),
+    reason="Debian Open MPI is not installed (apt-get install -y libopenmpi-dev openmpi-bin)",
+)
+# the mpich wheel's libmpi.so.12, beside the interpreter's libpython: a second MPICH for the mismatch tests
+WHEEL_LIBMPI = Path(sysconfig.get_config_var("LIBDIR") or "/nonexistent") / "libmpi.so.12"
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
@@ -59,6 +69,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "bad": base / "bad_calls",
         "stub": base / "heat2d_stub",
         "mpiver": base / "mpi_version",
+        "mpiver_pyfirst": base / "mpi_version_pyfirst",
         "signals": base / "signals",
     }
     _run([MPICC, "-O2", "-Wall", "-Werror", str(DATA / "examples/c/heat2d.c"), *cflags, *libs, "-lm", "-o",
@@ -68,10 +79,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
           str(exe["f"])], cwd=base)  # fmt: skip
     _run([MPICC, "-Wall", str(TESTS / "bad_calls.c"), *cflags, *libs, "-o", str(exe["bad"])])
     _run([MPICC, "-Wall", "-Werror", str(TESTS / "signals.c"), *cflags, *libs, "-o", str(exe["signals"])])
-    py_inc, py_lib, py_ver = (sysconfig.get_paths()["include"], sysconfig.get_config_var("LIBDIR"),
-                              sysconfig.get_config_var("LDVERSION"))  # fmt: skip
-    embed = [f"-I{py_inc}", f"-L{py_lib}", f"-Wl,-rpath,{py_lib}", f"-lpython{py_ver}"]  # the same libpython
-    _run([MPICC, str(TESTS / "mpi_version.c"), *cflags, *libs, *embed, "-o", str(exe["mpiver"])])
+    _run([MPICC, str(TESTS / "mpi_version.c"), *cflags, *libs, *_embed(), "-o", str(exe["mpiver"])])
+    # the interpreter's lib directory (holding the mpich wheel's libmpi.so.12) first in the run path
+    _run([MPICC, str(TESTS / "mpi_version.c"), *cflags, "-Wl,--disable-new-dtags", *_embed(), *libs, "-o",
+          str(exe["mpiver_pyfirst"])])  # fmt: skip
     # the stub build: only the two headers, no libinsitu, no Python
     stub_inc = base / "stub-include"
     stub_inc.mkdir()
@@ -82,37 +93,42 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"exe": exe, "libdir": libdir, "base": base}
 
 
+def _embed() -> list[str]:
+    """Flags that link the embedded interpreter's libpython (test programs call the Python C API)."""
+    py_inc, py_lib, py_ver = (sysconfig.get_paths()["include"], sysconfig.get_config_var("LIBDIR"),
+                              sysconfig.get_config_var("LDVERSION"))  # fmt: skip
+    return [f"-I{py_inc}", f"-L{py_lib}", f"-Wl,-rpath,{py_lib}", f"-lpython{py_ver}"]
+
+
 def _clean_env(built: dict[str, Any], extra: dict[str, str]) -> dict[str, str]:
     """``env -i`` plus PATH and the library path from ``insitu config`` (and the run's INSITU_* settings)."""
     return {"PATH": os.environ["PATH"], "LD_LIBRARY_PATH": built["libdir"], **extra}
 
 
 def _mpiexec(ranks: int, node_ips: list[str], argv: list[str]) -> list[str]:
-    from insitu.cli import mpiexec_mpmd
+    return mpi_command(ranks, node_ips, argv, mpiexec=MPIEXEC)
 
-    assert MPIEXEC
-    return [MPIEXEC, *mpiexec_mpmd(ranks, node_ips, argv)[1:]]
+
+def coupled(cluster: Any, built: dict[str, Any], argv: list[str], analytics: list[str], clean: bool,
+            ranks: int = 4) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run ``argv`` under ``mpiexec -n ranks`` (blocks of ranks on the cluster's nodes) beside ``analytics``.
+
+    Both get the cluster's settings and a fresh run name; the simulation runs under ``env -i`` plus the
+    library path when ``clean``. Both must exit 0 (``run_coupled``); returns the simulation's result.
+    """
+    settings = {**cluster.environment(), "INSITU_RUN": run_name("capi"), "INSITU_DEADLINE": "60",
+                "INSITU_RECLAIM_DEADLINE": "20"}  # fmt: skip
+    env = {**os.environ, **settings}
+    return run_coupled(_mpiexec(ranks, cluster.node_ips, argv), [sys.executable, *analytics], env,
+                       sim_env=_clean_env(built, settings) if clean else env)  # fmt: skip
 
 
 def _stats(cluster: Any, built: dict[str, Any], argv: list[str], tmp: Path, clean: bool) -> dict[int, dict[str, Any]]:
     """Run one heat2d under mpiexec -n 4 with heat_stats (steering off); its per-step statistics."""
-    run = run_name("capi")
-    settings = {**cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60", "INSITU_RECLAIM_DEADLINE": "20"}
-    out = tmp / run
-    ana = subprocess.Popen([sys.executable, str(DATA / "analytics/heat_stats.py"), "--out", str(out),
-                            "--print-every", "1000", "--npy-every", "5"], env={**os.environ, **settings},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        env = _clean_env(built, settings) if clean else {**os.environ, **settings}
-        cmd = _mpiexec(4, cluster.node_ips, [*argv, "--nx", str(NX), "--ny", str(NY), "--steps", str(STEPS)])
-        sim = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
-        assert sim.returncode == 0, sim.stdout[-2000:] + sim.stderr[-3000:]
-        _, err = ana.communicate(timeout=120)
-        assert ana.returncode == 0, err[-3000:]
-    finally:
-        if ana.poll() is None:
-            ana.kill()
-            ana.wait()
+    out = tmp / run_name("stats")
+    coupled(cluster, built, [*argv, "--nx", str(NX), "--ny", str(NY), "--steps", str(STEPS)],
+            [str(DATA / "analytics/heat_stats.py"), "--out", str(out), "--print-every", "1000", "--npy-every", "5"],
+            clean)  # fmt: skip
     stats = json.loads((out / "stats.json").read_text())["stats"]
     fields = {int(f.stem.split("_")[1]): np.load(f) for f in out.glob("temperature_*.npy")}
     return {int(k): {**v, "field": fields.get(int(k))} for k, v in stats.items()}
@@ -224,18 +240,23 @@ def test_stub_build_runs_without_insitu(built: dict[str, Any]) -> None:
 
 
 @needs_mpich
-def test_mpi_seen_from_c_is_the_mpi_of_the_embedded_mpi4py(built: dict[str, Any]) -> None:
-    settings = {"INSITU_ADDRESS": "127.0.0.1:9", "INSITU_DEADLINE": "2"}
-    proc = subprocess.run([MPIEXEC or "", "-n", "1", str(built["exe"]["mpiver"])], env=_clean_env(built, settings),
+@pytest.mark.parametrize("exe", ["mpiver", "mpiver_pyfirst"])
+def test_mpi_seen_from_c_is_the_mpi_of_the_embedded_mpi4py(built: dict[str, Any], exe: str) -> None:
+    settings = {"INSITU_ADDRESS": "127.0.0.1:9", "INSITU_DEADLINE": "2", "INSITU_STARTUP_DEADLINE": "2"}
+    proc = subprocess.run([MPIEXEC or "", "-n", "2", str(built["exe"][exe])], env=_clean_env(built, settings),
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    c_part, py_part = proc.stdout.split("\n---\n")[:2]
-    c_version = c_part.removeprefix("C: ").strip()
-    py_version = py_part.removeprefix("mpi4py: ").strip()
-    assert "MPICH" in c_version
-    assert c_version == py_version
-    # the embedded interpreter is the one recorded at build time (this test's Python), even under env -i
-    assert f"sys.executable: {sys.executable}" in proc.stdout
+    got = _lines(proc.stdout)
+    for rank in (0, 1):
+        # the MPI check passed; no cluster there, so the set-up failed after it (as a run-time or contract error)
+        assert got[("init", rank)].split(" | ")[0] in ("INSITU_ERR_RUNTIME", "INSITU_ERR_CONTRACT"), got
+        assert got[("same-version", rank)] == "1"  # mpi4py.MPI imported: the program's library answers
+        # the embedded interpreter is the one recorded at build time (this test's Python), even under env -i
+        assert got[("executable", rank)] == sys.executable
+        # exactly one MPI library mapped, the program's Debian MPICH; with the interpreter's lib directory (and
+        # the mpich wheel's libmpi.so.12) first in the run path, insitu_init pinned the name to it
+        mapped = got[("libmpi", rank)].split(",")
+        assert len(mapped) == 1 and Path(mapped[0]).name.startswith("libmpich.so.12"), mapped
 
 
 def test_status_codes_match_the_header() -> None:
@@ -298,3 +319,160 @@ def test_python_failing_to_start_on_one_rank_fails_init_on_every_rank_naming_it(
         assert got[("finalize", rank)] == "INSITU_OK |"
         assert got[("sigaction-SIGTERM", rank)] == "kept"
     assert "failed to get the Python codec" in got[("init", 3)]  # the failing rank also says why
+
+
+def _refusals(stdout: str, ranks: int) -> dict[int, tuple[str, str]]:
+    """Every rank's ``init`` line (status, message), plus the libmpi files it had mapped, if printed."""
+    got = _lines(stdout)
+    out = {}
+    for rank in range(ranks):
+        status, _, message = got[("init", rank)].partition(" | ")
+        out[rank] = (status, message, got.get(("libmpi", rank), ""))
+    return out
+
+
+def _assert_refused(stdout: str, ranks: int, *named: str) -> None:
+    """INSITU_ERR_MPI_MISMATCH on every rank, each message naming its rank and both libraries."""
+    for rank, (status, message, _) in _refusals(stdout, ranks).items():
+        assert status in ("INSITU_ERR_MPI_MISMATCH", str(CStatus.ERR_MPI_MISMATCH.value)), (rank, status, message)
+        assert message.startswith(f"one MPI per process: rank {rank}: "), message
+        for text in named:
+            assert text in message, (text, message)
+        assert message.endswith("insitu is disabled for the rest of the run"), message
+
+
+@pytest.fixture(scope="module")
+def second_mpich(built: dict[str, Any]) -> dict[str, Path]:
+    """Programs on Debian's MPICH linked with a shim built for the mpich wheel's libmpi.so.12 (a second MPICH)."""
+    if not WHEEL_LIBMPI.exists():
+        pytest.skip(f"the mpich wheel's libmpi.so.12 is not at {WHEEL_LIBMPI} (pip install mpich)")
+    base = built["base"] / "second-mpich"
+    prefix = base / "shim"
+    _run([sys.executable, "-m", "insitu.cli", "build-shim", "--prefix", str(prefix), "--mpi-library",
+          str(WHEEL_LIBMPI)])  # fmt: skip
+    assert MPICC and MPIF90
+    libs = [f"-L{prefix / 'lib'}", f"-Wl,--disable-new-dtags,-rpath,{prefix / 'lib'}", "-linsitu"]
+    _run([MPICC, str(TESTS / "mpi_version.c"), f"-I{prefix / 'include'}", *libs, *_embed(), "-o",
+          str(base / "mpi_version")])  # fmt: skip
+    _run([MPIF90, "-c", str(DATA / "fortran/insitu.f90"), "-o", str(base / "insitu.o")], cwd=base)
+    _run([MPIF90, str(TESTS / "mpi_check.f90"), str(base / "insitu.o"), *libs, "-o", str(base / "mpi_check")],
+         cwd=base)  # fmt: skip
+    return {"c": base / "mpi_version", "f": base / "mpi_check", "libdir": prefix / "lib"}
+
+
+@needs_mpich
+@pytest.mark.parametrize("lang", ["c", "f"])
+def test_a_second_mpich_is_refused_on_every_rank_before_mpi4py_loads_it(second_mpich: dict[str, Path],
+                                                                         lang: str) -> None:  # fmt: skip
+    env = {"PATH": os.environ["PATH"], "LD_LIBRARY_PATH": str(second_mpich["libdir"]), "INSITU_ADDRESS": "127.0.0.1:9"}
+    proc = subprocess.run([MPIEXEC or "", "-n", "2", str(second_mpich[lang])], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # both libraries named: the program's Debian MPICH and the wheel's copy mpi4py's extension would load
+    _assert_refused(proc.stdout, 2, "two MPI libraries in one process", "MPICH Version:", "libmpich.so.12",
+                    "MPI.mpich.", f"would load {WHEEL_LIBMPI.resolve()}")  # fmt: skip
+    if lang == "c":  # the refusal came before the import: the second library was never mapped
+        for rank, (_, _, mapped) in _refusals(proc.stdout, 2).items():
+            assert "," not in mapped and Path(mapped).name.startswith("libmpich.so.12"), (rank, mapped)
+    assert proc.stderr.count("insitu: error: one MPI per process") == 1  # logged once, by the rank named
+
+
+@pytest.fixture(scope="module")
+def openmpi(built: dict[str, Any]) -> dict[str, Path]:
+    """mpi_version.c and mpi_check.f90 built with Debian's Open MPI wrappers, linked with the MPICH shim."""
+    base = built["base"] / "openmpi"
+    base.mkdir()
+    assert OMPICC and OMPIF90
+    # Open MPI's own libdir first: the interpreter's lib directory holds the mpich wheel's libmpi.so
+    first = ["-L" + _run([OMPICC, "--showme:libdirs"]).split()[0]]
+    libs = ["-L" + built["libdir"], f"-Wl,--disable-new-dtags,-rpath,{built['libdir']}", "-linsitu"]
+    _run([OMPICC, *first, str(TESTS / "mpi_version.c"), f"-I{Path(built['libdir']).parent / 'include'}", *libs,
+          *_embed(), "-o", str(base / "mpi_version")])  # fmt: skip
+    _run([OMPIF90, "-c", str(DATA / "fortran/insitu.f90"), "-o", str(base / "insitu.o")], cwd=base)
+    _run([OMPIF90, *first, str(TESTS / "mpi_check.f90"), str(base / "insitu.o"), *libs, "-o",
+          str(base / "mpi_check")], cwd=base)  # fmt: skip
+    return {"c": base / "mpi_version", "f": base / "mpi_check"}
+
+
+@needs_mpich
+@needs_openmpi
+@pytest.mark.parametrize(("lang", "abi"), [("c", None), ("f", None), ("c", "mpich")])
+def test_open_mpi_programs_are_refused_on_every_rank_naming_both_libraries(built: dict[str, Any],
+                                                                          openmpi: dict[str, Path], lang: str,
+                                                                          abi: str | None) -> None:  # fmt: skip
+    env = {**_clean_env(built, {"INSITU_ADDRESS": "127.0.0.1:9"}), **({"MPI4PY_MPIABI": abi} if abi else {})}
+    cmd = [OMPIEXEC or "", "-n", "2", "--oversubscribe", "--allow-run-as-root", str(openmpi[lang])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if abi is None:  # mpi4py >= 4 picks its Open MPI extension, on the program's own libmpi.so.40: still refused
+        named = ("Open MPI v", "libmpi.so.40", "which is not supported", "MPI.openmpi.", "libmpi.so.40 = ")
+    else:  # mpi4py forced to its MPICH extension: it would load Debian's MPICH next to Open MPI
+        named = ("Open MPI v", "libmpi.so.40", "MPI.mpich.", "libmpi.so.12, not loaded yet", "libmpich.so.12")
+    _assert_refused(proc.stdout, 2, *named)
+    for rank, (_, _, mapped) in _refusals(proc.stdout, 2).items():
+        if lang == "c":
+            assert [Path(m).name.split(".so")[0] for m in mapped.split(",")] == ["libmpi"], (rank, mapped)
+            assert "libmpi.so.40" in mapped
+
+
+RECORDED_VERSIONS = {
+    "MPICH Version:      4.0.2\nMPICH Release date: Thu May 19 13:54:09 CDT 2022\nMPICH ABI:          14:2:2": "MPICH",
+    "MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 20:45:26 UTC 2026\nMPICH ABI:          18:2:6": "MPICH",
+    "Intel(R) MPI Library 2021.10 for Linux* OS\n": "MPICH",
+    "MVAPICH2 Version      :\t2.3.7\nMVAPICH2 Release date :\tWed March 02 22:00:00 EST 2022": "MPICH",
+    "CRAY MPICH version 8.1.25.17 (ANL base 3.4a2)": "MPICH",
+    "Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4, May 26, 2022": "OPEN_MPI",
+    "Open MPI v5.0.3, package: Open MPI conda@builder Distribution, ident: 5.0.3": "OPEN_MPI",
+    "Microsoft MPI 10.1": "UNKNOWN",
+}
+
+
+@pytest.mark.parametrize(("version", "family"), RECORDED_VERSIONS.items())
+def test_the_mpi_family_rule_on_recorded_version_strings(version: str, family: str) -> None:
+    from insitu.mpilib import MpiFamily, family_of_version, verdict
+
+    assert family_of_version(version) == MpiFamily[family]
+    same = verdict(version, "/usr/lib/libmpi.so.12", "/x/MPI.mpich.so", "libmpi.so.12", "/usr/lib/libmpi.so.12", True)
+    other = verdict(version, "/usr/lib/libmpich.so.12", "/x/MPI.mpich.so", "libmpi.so.12", None, False,
+                    "/v/libmpi.so.12")  # fmt: skip
+    assert other is not None and "/usr/lib/libmpich.so.12" in other and "/v/libmpi.so.12" in other
+    if family == "MPICH":  # the one supported family: the same object is fine, another one never
+        assert same is None
+        assert other.startswith("two MPI libraries in one process")
+    else:
+        assert same is not None and "which is not supported" in same and version.splitlines()[0] in same
+
+
+def test_sonames_map_to_families_and_elf_needed_entries_are_read() -> None:
+    from insitu.mpilib import MpiFamily, elf_dynamic, family_of_soname
+
+    assert [family_of_soname(n) for n in ("libmpi.so.12", "libmpich.so.12", "libmpi.so.40", "libmpi_abi.so.1",
+                                           "libfoo.so.1")] == [MpiFamily.MPICH, MpiFamily.MPICH, MpiFamily.OPEN_MPI,
+                                                               MpiFamily.MPI_ABI, MpiFamily.UNKNOWN]  # fmt: skip
+    libpython = Path(sysconfig.get_config_var("LIBDIR")) / str(sysconfig.get_config_var("LDLIBRARY"))
+    if not libpython.exists():
+        pytest.skip("no shared libpython")
+    dyn = elf_dynamic(libpython)
+    assert dyn.soname and dyn.soname.startswith("libpython")
+    assert any(n.startswith("libc.so") for n in dyn.needed)
+    with pytest.raises(ValueError, match="not an ELF file"):
+        elf_dynamic(Path(__file__))
+
+
+def test_fortran_constants_match_the_header() -> None:
+    header = (C_DIR / "include" / "insitu.h").read_text()
+    module = (DATA / "fortran" / "insitu.f90").read_text()
+    for enum, pattern in (
+        ("insitu_status", r"INSITU_(?:OK|ERR_\w+|DISABLED)"),
+        ("insitu_dtype", r"INSITU_(?:[A-Z]+\d+)"),
+    ):
+        body = header[header.index(f"typedef enum {enum} {{") : header.index(f"}} {enum}_t;")]
+        c_values = {m[1]: int(m[2]) for m in re.finditer(r"\b(INSITU_\w+) = (\d+)", body)}
+        f_values = {m[1]: int(m[2]) for m in re.finditer(rf"\b({pattern}) = (\d+)", module)}
+        assert c_values == f_values, enum
+        assert len(c_values) >= 6
+    statuses = {m[1]: int(m[2]) for m in re.finditer(r"\b(INSITU_(?:OK|ERR_\w+|DISABLED)) = (\d+)", module)}
+    assert statuses == {f"INSITU_{s.name}": s.value for s in CStatus}
+    assert {f"INSITU_{d.name}": d.value for d in CDtype} == {
+        m[1]: int(m[2]) for m in re.finditer(r"\b(INSITU_(?:[A-Z]+\d+)) = (\d+)", module)
+    }

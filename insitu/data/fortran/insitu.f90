@@ -1,4 +1,4 @@
-! insitu.f90 -- Fortran 2008 bindings of libinsitu (see c/include/insitu.h).
+! insitu.f90 -- Fortran 2018 bindings of libinsitu (see c/include/insitu.h; assumed-rank arrays, gfortran >= 10).
 !
 ! Compile this file with the same compiler and MPI as the simulation:
 !     mpif90 -c $(insitu config --fortran)            ! gives insitu.mod and insitu.o
@@ -13,8 +13,12 @@
 !   whatever the declared lower bounds: for u(0:lx+1, 0:ly+1) the interior starts at (2,2)).
 ! - ierr is an optional last argument (an insitu status; 0 = INSITU_OK). Fatal errors are
 !   logged once by the library and disable insitu, so omitting ierr is safe.
-! - Collective / buffer rules are those of the C calls: insitu_init and insitu_send are
-!   collective; the field may be modified as soon as insitu_send returns.
+! - A step carries every array: insitu_stage(bridge, name, u, start, count) each one (real32,
+!   real64, int32, int64 or int8, rank 1 to 8, contiguous), then insitu_send(bridge, step)
+!   sends them all in one collective step (step: a 32- or 64-bit integer), as the C
+!   insitu_send does with its array of fields. insitu_stage is local; insitu_init and
+!   insitu_send are collective. A staged array is read when insitu_send runs: keep it
+!   allocated until then; it may be modified as soon as insitu_send returns.
 module insitu
     use, intrinsic :: iso_c_binding
     implicit none
@@ -23,9 +27,20 @@ module insitu
     integer, parameter, public :: INSITU_OK = 0, INSITU_ERR_NULL = 1, INSITU_ERR_ARG = 2, INSITU_ERR_NAME = 3, &
         INSITU_ERR_SIZE = 4, INSITU_ERR_DTYPE = 5, INSITU_ERR_STATE = 6, INSITU_ERR_SEND = 7, &
         INSITU_ERR_CONTRACT = 8, INSITU_ERR_TIMEOUT = 9, INSITU_ERR_ANALYTICS = 10, INSITU_ERR_RUNTIME = 11, &
-        INSITU_ERR_VERSION = 12, INSITU_DISABLED = 13
-    integer, parameter, public :: INSITU_FLOAT64 = 0, INSITU_FLOAT32 = 1, INSITU_INT64 = 2, INSITU_INT32 = 3
+        INSITU_ERR_VERSION = 12, INSITU_DISABLED = 13, INSITU_ERR_MPI_MISMATCH = 14
+    integer, parameter, public :: INSITU_FLOAT64 = 0, INSITU_FLOAT32 = 1, INSITU_INT64 = 2, INSITU_INT32 = 3, &
+        INSITU_UINT8 = 4, INSITU_INT8 = 5
     integer, parameter :: ORDER_F = 1, MAX_NDIM = 8, NAME_LEN = 64
+
+    !> One array staged for the next insitu_send.
+    type :: staged_field
+        character(kind=c_char, len=NAME_LEN + 1) :: name = c_null_char
+        type(c_ptr) :: data = c_null_ptr
+        integer(c_int) :: dtype = INSITU_FLOAT64
+        integer(c_int) :: ndim = 0
+        integer(c_int64_t) :: mem(MAX_NDIM) = 0, sel_start(MAX_NDIM) = 0, sel_count(MAX_NDIM) = 0
+        integer(c_int64_t) :: nelems = 0
+    end type staged_field
 
     !> Declaration of one array (fill with insitu_declare).
     type, public :: insitu_array
@@ -41,7 +56,12 @@ module insitu
     !> Opaque bridge handle.
     type, public :: insitu_bridge
         type(c_ptr) :: ptr = c_null_ptr
+        type(staged_field), allocatable :: staged(:)
+        integer :: nstaged = 0
     end type insitu_bridge
+
+    !> Message of the last call that failed in this module before reaching the library ('' if none).
+    character(len=:), allocatable, save :: local_error
 
     type, bind(C) :: c_decl
         type(c_ptr) :: name
@@ -69,14 +89,15 @@ module insitu
             type(c_ptr), value :: arrays
             type(c_ptr) :: bridge
         end function c_init
-        integer(c_int) function c_start() bind(C, name="insitu_start")
-            import :: c_int
-        end function c_start
-        integer(c_int) function c_start_failed(failed_rank, bridge) bind(C, name="insitu_start_failed")
+        integer(c_int) function c_start_mpi(program_version) bind(C, name="insitu_start_mpi")
+            import :: c_int, c_char
+            character(kind=c_char) :: program_version(*)
+        end function c_start_mpi
+        integer(c_int) function c_start_agreed(rank, python_rank, mpi_rank, bridge) bind(C, name="insitu_start_agreed")
             import :: c_int, c_ptr
-            integer(c_int), value :: failed_rank
+            integer(c_int), value :: rank, python_rank, mpi_rank
             type(c_ptr) :: bridge
-        end function c_start_failed
+        end function c_start_agreed
         integer(c_int) function c_send(bridge, step, nfields, fields) bind(C, name="insitu_send")
             import :: c_int, c_ptr, c_int64_t
             type(c_ptr), value :: bridge
@@ -115,20 +136,36 @@ module insitu
         end function c_last_error
     end interface
 
+    !> Stage one array for the next insitu_send (local; any rank from 1 to 8).
+    interface insitu_stage
+        module procedure stage_real64, stage_real32, stage_int64, stage_int32, stage_int8
+    end interface insitu_stage
+
+    !> Send every staged array as one step (collective); step is a 32- or 64-bit integer.
     interface insitu_send
-        module procedure send_real64_1d, send_real64_2d, send_real64_3d, send_real32_2d, send_real32_3d
+        module procedure send_i4, send_i8
     end interface insitu_send
 
-    public :: insitu_declare, insitu_init, insitu_send, insitu_get_int, insitu_get_double, insitu_get_string, &
-        insitu_finalize, insitu_last_error
+    public :: insitu_declare, insitu_init, insitu_stage, insitu_send, insitu_get_int, insitu_get_double, &
+        insitu_get_string, insitu_finalize, insitu_last_error
 
 contains
 
     subroutine set_ierr(status, ierr)
         integer(c_int), intent(in) :: status
         integer, intent(out), optional :: ierr
+        local_error = ''
         if (present(ierr)) ierr = int(status)
     end subroutine set_ierr
+
+    !> A local error found before calling the library: its status and message (insitu_last_error).
+    subroutine fail_here(status, message, ierr)
+        integer, intent(in) :: status
+        character(len=*), intent(in) :: message
+        integer, intent(out), optional :: ierr
+        local_error = message
+        if (present(ierr)) ierr = status
+    end subroutine fail_here
 
     function cstr(s) result(out)
         character(len=*), intent(in) :: s
@@ -170,7 +207,9 @@ contains
         type(c_decl), target :: decls(size(arrays))
         character(kind=c_char, len=len_trim(run) + 1), target :: crun
         type(c_ptr) :: run_ptr
-        integer :: i, rank, mine, first, mpierr
+        character(len=MPI_MAX_LIBRARY_VERSION_STRING) :: version
+        integer :: i, rank, mine(2), first(2), mpierr, vlen
+        integer(c_int) :: status
         do i = 1, size(arrays)
             decls(i)%name = c_loc(arrays(i)%name)
             decls(i)%dtype = arrays(i)%dtype
@@ -180,14 +219,24 @@ contains
             decls(i)%start = c_null_ptr
             if (arrays(i)%has_start) decls(i)%start = c_loc(arrays(i)%start)
         end do
-        ! every rank starts its embedded Python, and the ranks agree on the outcome (one allreduce)
-        ! before calling the library: a rank whose Python cannot start fails every rank
+        ! every rank starts its embedded Python and checks that mpi4py will use this program's MPI
+        ! library, and the ranks agree on both outcomes (one allreduce) before anything calls
+        ! mpi4py's MPI: a rank whose Python cannot start, or whose MPI check fails, fails every rank
         call MPI_Comm_rank(comm, rank, mpierr)
+        call MPI_Get_library_version(version, vlen, mpierr)
         mine = huge(mine)
-        if (c_start() /= INSITU_OK) mine = rank
-        call MPI_Allreduce(mine, first, 1, MPI_INTEGER, MPI_MIN, comm, mpierr)
-        if (first /= huge(first)) then
-            call set_ierr(c_start_failed(int(first, c_int), bridge%ptr), ierr)
+        status = c_start_mpi(cstr(version(1:vlen)))
+        if (status == INSITU_ERR_MPI_MISMATCH) then
+            mine(2) = rank
+        else if (status /= INSITU_OK) then
+            mine(1) = rank
+        end if
+        call MPI_Allreduce(mine, first, 2, MPI_INTEGER, MPI_MIN, comm, mpierr)
+        if (any(first /= huge(first))) then
+            ! INT_MAX (huge of c_int) means "no rank", whatever the kind of the default integer
+            first = min(first, int(huge(0_c_int)))
+            call set_ierr(c_start_agreed(int(rank, c_int), int(first(1), c_int), int(first(2), c_int), bridge%ptr), &
+                ierr)
             return
         end if
         crun = cstr(run)
@@ -196,87 +245,137 @@ contains
         call set_ierr(c_init(int(comm, c_int), run_ptr, int(size(arrays), c_int), c_loc(decls), bridge%ptr), ierr)
     end subroutine insitu_init
 
-    subroutine send_any(bridge, step, name, data, dtype, ndim, mem, start, count, ierr)
-        type(insitu_bridge), intent(in) :: bridge
-        integer, intent(in) :: step, dtype, ndim
+    !> Record an array (address, type, shape as passed, 1-based interior start and count) for the next
+    !! insitu_send; staging a name again replaces it.
+    subroutine stage_any(bridge, name, data, dtype, mem, contiguous, start, count, ierr)
+        type(insitu_bridge), intent(inout) :: bridge
         character(len=*), intent(in) :: name
         type(c_ptr), intent(in) :: data
-        integer(c_int64_t), intent(in), target :: mem(:)
-        integer, intent(in) :: start(:), count(:)
+        integer, intent(in) :: dtype
+        integer, intent(in) :: mem(:), start(:), count(:)
+        logical, intent(in) :: contiguous
         integer, intent(out), optional :: ierr
-        type(c_field), target :: f
-        character(kind=c_char, len=len_trim(name) + 1), target :: cname
-        integer(c_int64_t), target :: sel_start(MAX_NDIM), sel_count(MAX_NDIM)
-        integer :: n
-        n = min(ndim, size(start), size(count), MAX_NDIM)
-        sel_start = 0
-        sel_count = 0
-        sel_start(1:n) = int(start(1:n) - 1, c_int64_t)
-        sel_count(1:n) = int(count(1:n), c_int64_t)
-        if (size(start) /= ndim .or. size(count) /= ndim) sel_count(1) = -1 ! reported as a size error
-        cname = cstr(name)
-        f%name = c_loc(cname)
-        f%data = data
-        f%dtype = int(dtype, c_int)
-        f%order = ORDER_F
-        f%ndim = int(ndim, c_int)
-        f%mem_shape = c_loc(mem)
-        f%sel_start = c_loc(sel_start)
-        f%sel_count = c_loc(sel_count)
-        f%nelems = product(mem)
-        call set_ierr(c_send(bridge%ptr, int(step, c_int64_t), 1_c_int, c_loc(f)), ierr)
-    end subroutine send_any
+        type(staged_field), allocatable :: grown(:)
+        integer :: i, n
+        character(len=16) :: r
+        write (r, '(i0)') size(mem)
+        if (size(mem) < 1 .or. size(mem) > MAX_NDIM) then
+            call fail_here(INSITU_ERR_ARG, 'field ' // trim(name) // ' has rank ' // trim(r) // '; insitu takes 1 to 8', &
+                ierr)
+            return
+        end if
+        if (.not. contiguous) then
+            call fail_here(INSITU_ERR_ARG, 'field ' // trim(name) // ' is not contiguous: stage the whole array and ' &
+                // 'select the block with start and count', ierr)
+            return
+        end if
+        if (size(start) /= size(mem) .or. size(count) /= size(mem)) then
+            call fail_here(INSITU_ERR_SIZE, 'field ' // trim(name) // ': start and count need ' // trim(r) // &
+                ' entries (the rank of the array)', ierr)
+            return
+        end if
+        if (.not. allocated(bridge%staged)) allocate (bridge%staged(8))
+        n = bridge%nstaged + 1
+        do i = 1, bridge%nstaged
+            if (bridge%staged(i)%name == cstr(name(1:min(len_trim(name), NAME_LEN)))) n = i
+        end do
+        if (n > size(bridge%staged)) then
+            allocate (grown(2 * size(bridge%staged)))
+            grown(1:bridge%nstaged) = bridge%staged(1:bridge%nstaged)
+            call move_alloc(grown, bridge%staged)
+        end if
+        bridge%nstaged = max(bridge%nstaged, n)
+        associate (f => bridge%staged(n))
+            f%name = cstr(name(1:min(len_trim(name), NAME_LEN)))
+            f%data = data
+            f%dtype = int(dtype, c_int)
+            f%ndim = int(size(mem), c_int)
+            f%mem = 0
+            f%sel_start = 0
+            f%sel_count = 0
+            f%mem(1:size(mem)) = int(mem, c_int64_t)
+            f%sel_start(1:size(mem)) = int(start - 1, c_int64_t)
+            f%sel_count(1:size(mem)) = int(count, c_int64_t)
+            f%nelems = product(int(mem, c_int64_t))
+        end associate
+        call set_ierr(int(INSITU_OK, c_int), ierr)
+    end subroutine stage_any
 
-    !> Send the block start(:)..start(:)+count(:)-1 of u (1-based positions in u) for step (collective).
-    subroutine send_real64_1d(bridge, step, name, u, start, count, ierr)
-        type(insitu_bridge), intent(in) :: bridge
-        integer, intent(in) :: step
+    !> Stage u (intent(in); read when insitu_send runs). start/count: 1-based position and
+    !! extent of this rank's block inside u, one entry per dimension of u.
+    subroutine stage_real64(bridge, name, u, start, count, ierr)
+        type(insitu_bridge), intent(inout) :: bridge
         character(len=*), intent(in) :: name
-        real(c_double), intent(in), target, contiguous :: u(:)
+        real(c_double), intent(in), target :: u(..)
         integer, intent(in) :: start(:), count(:)
         integer, intent(out), optional :: ierr
-        call send_any(bridge, step, name, c_loc(u), INSITU_FLOAT64, 1, int(shape(u), c_int64_t), start, count, ierr)
-    end subroutine send_real64_1d
+        call stage_any(bridge, name, c_loc(u), INSITU_FLOAT64, shape(u), is_contiguous(u), start, count, ierr)
+    end subroutine stage_real64
 
-    subroutine send_real64_2d(bridge, step, name, u, start, count, ierr)
-        type(insitu_bridge), intent(in) :: bridge
-        integer, intent(in) :: step
+    subroutine stage_real32(bridge, name, u, start, count, ierr)
+        type(insitu_bridge), intent(inout) :: bridge
         character(len=*), intent(in) :: name
-        real(c_double), intent(in), target, contiguous :: u(:, :)
+        real(c_float), intent(in), target :: u(..)
         integer, intent(in) :: start(:), count(:)
         integer, intent(out), optional :: ierr
-        call send_any(bridge, step, name, c_loc(u), INSITU_FLOAT64, 2, int(shape(u), c_int64_t), start, count, ierr)
-    end subroutine send_real64_2d
+        call stage_any(bridge, name, c_loc(u), INSITU_FLOAT32, shape(u), is_contiguous(u), start, count, ierr)
+    end subroutine stage_real32
 
-    subroutine send_real64_3d(bridge, step, name, u, start, count, ierr)
-        type(insitu_bridge), intent(in) :: bridge
-        integer, intent(in) :: step
+    subroutine stage_int64(bridge, name, u, start, count, ierr)
+        type(insitu_bridge), intent(inout) :: bridge
         character(len=*), intent(in) :: name
-        real(c_double), intent(in), target, contiguous :: u(:, :, :)
+        integer(c_int64_t), intent(in), target :: u(..)
         integer, intent(in) :: start(:), count(:)
         integer, intent(out), optional :: ierr
-        call send_any(bridge, step, name, c_loc(u), INSITU_FLOAT64, 3, int(shape(u), c_int64_t), start, count, ierr)
-    end subroutine send_real64_3d
+        call stage_any(bridge, name, c_loc(u), INSITU_INT64, shape(u), is_contiguous(u), start, count, ierr)
+    end subroutine stage_int64
 
-    subroutine send_real32_2d(bridge, step, name, u, start, count, ierr)
-        type(insitu_bridge), intent(in) :: bridge
-        integer, intent(in) :: step
+    subroutine stage_int32(bridge, name, u, start, count, ierr)
+        type(insitu_bridge), intent(inout) :: bridge
         character(len=*), intent(in) :: name
-        real(c_float), intent(in), target, contiguous :: u(:, :)
+        integer(c_int32_t), intent(in), target :: u(..)
         integer, intent(in) :: start(:), count(:)
         integer, intent(out), optional :: ierr
-        call send_any(bridge, step, name, c_loc(u), INSITU_FLOAT32, 2, int(shape(u), c_int64_t), start, count, ierr)
-    end subroutine send_real32_2d
+        call stage_any(bridge, name, c_loc(u), INSITU_INT32, shape(u), is_contiguous(u), start, count, ierr)
+    end subroutine stage_int32
 
-    subroutine send_real32_3d(bridge, step, name, u, start, count, ierr)
-        type(insitu_bridge), intent(in) :: bridge
-        integer, intent(in) :: step
+    subroutine stage_int8(bridge, name, u, start, count, ierr)
+        type(insitu_bridge), intent(inout) :: bridge
         character(len=*), intent(in) :: name
-        real(c_float), intent(in), target, contiguous :: u(:, :, :)
+        integer(c_int8_t), intent(in), target :: u(..)
         integer, intent(in) :: start(:), count(:)
         integer, intent(out), optional :: ierr
-        call send_any(bridge, step, name, c_loc(u), INSITU_FLOAT32, 3, int(shape(u), c_int64_t), start, count, ierr)
-    end subroutine send_real32_3d
+        call stage_any(bridge, name, c_loc(u), INSITU_INT8, shape(u), is_contiguous(u), start, count, ierr)
+    end subroutine stage_int8
+
+    !> Send every staged array as step (collective) and empty the stage, whatever the outcome.
+    subroutine send_i8(bridge, step, ierr)
+        type(insitu_bridge), intent(inout), target :: bridge
+        integer(c_int64_t), intent(in) :: step
+        integer, intent(out), optional :: ierr
+        type(c_field), target :: fields(max(bridge%nstaged, 1))
+        integer :: i
+        do i = 1, bridge%nstaged
+            fields(i)%name = c_loc(bridge%staged(i)%name)
+            fields(i)%data = bridge%staged(i)%data
+            fields(i)%dtype = bridge%staged(i)%dtype
+            fields(i)%order = ORDER_F
+            fields(i)%ndim = bridge%staged(i)%ndim
+            fields(i)%mem_shape = c_loc(bridge%staged(i)%mem)
+            fields(i)%sel_start = c_loc(bridge%staged(i)%sel_start)
+            fields(i)%sel_count = c_loc(bridge%staged(i)%sel_count)
+            fields(i)%nelems = bridge%staged(i)%nelems
+        end do
+        call set_ierr(c_send(bridge%ptr, step, int(bridge%nstaged, c_int), c_loc(fields)), ierr)
+        bridge%nstaged = 0
+    end subroutine send_i8
+
+    subroutine send_i4(bridge, step, ierr)
+        type(insitu_bridge), intent(inout), target :: bridge
+        integer(c_int32_t), intent(in) :: step
+        integer, intent(out), optional :: ierr
+        call send_i8(bridge, int(step, c_int64_t), ierr)
+    end subroutine send_i4
 
     !> Steering value key as an integer (booleans read as 0/1); found is .false. if never set.
     subroutine insitu_get_int(bridge, key, value, found, ierr)
@@ -336,6 +435,12 @@ contains
         character(len=:), allocatable :: msg
         character(kind=c_char), pointer :: p(:)
         integer :: n
+        if (allocated(local_error)) then
+            if (len(local_error) > 0) then
+                msg = local_error
+                return
+            end if
+        end if
         call c_f_pointer(c_last_error(), p, [2048])
         n = 0
         do while (n < 2048)

@@ -38,9 +38,9 @@
 #include <stdint.h>
 
 #define INSITU_VERSION_MAJOR 0
-#define INSITU_VERSION_MINOR 1
+#define INSITU_VERSION_MINOR 2
 #define INSITU_VERSION_PATCH 0
-#define INSITU_VERSION_STRING "0.1.0"
+#define INSITU_VERSION_STRING "0.2.0"
 
 /** Maximum number of dimensions of an array. */
 #define INSITU_MAX_NDIM 8
@@ -64,7 +64,8 @@ typedef enum insitu_status {
     INSITU_ERR_ANALYTICS = 10, /**< the analytics failed and the policy is "raise" (fatal) */
     INSITU_ERR_RUNTIME = 11,  /**< cluster unreachable, embedded Python or Ray failure (fatal) */
     INSITU_ERR_VERSION = 12,  /**< header and library versions are incompatible */
-    INSITU_DISABLED = 13      /**< insitu was disabled by an earlier fatal error: the call did nothing */
+    INSITU_DISABLED = 13,     /**< insitu was disabled by an earlier fatal error: the call did nothing */
+    INSITU_ERR_MPI_MISMATCH = 14 /**< the embedded mpi4py would not use the program's MPI library (fatal) */
 } insitu_status_t;
 
 /** Element types. */
@@ -73,7 +74,8 @@ typedef enum insitu_dtype {
     INSITU_FLOAT32 = 1,
     INSITU_INT64 = 2,
     INSITU_INT32 = 3,
-    INSITU_UINT8 = 4
+    INSITU_UINT8 = 4,
+    INSITU_INT8 = 5 /**< signed bytes (Fortran integer(int8)) */
 } insitu_dtype_t;
 
 /** Memory order of a field: C (row-major, last index fastest) or Fortran (column-major). */
@@ -157,6 +159,25 @@ insitu_status_t insitu_start(void);
 insitu_status_t insitu_start_failed(int failed_rank, insitu_bridge_t **bridge);
 
 /*
+ * Start the embedded Python of this process (insitu_start) and check, without importing
+ * mpi4py.MPI, that the MPI library the embedded mpi4py would use is the program's own:
+ * `program_version` is the program's MPI_Get_library_version string. Not collective.
+ * Returns INSITU_OK, INSITU_ERR_RUNTIME (no Python) or INSITU_ERR_MPI_MISMATCH (a second
+ * MPI library would be loaded, or the program's MPI is not of the MPICH ABI family; the
+ * message names both libraries). insitu_init calls it on every rank before anything else.
+ */
+insitu_status_t insitu_start_mpi(const char *program_version);
+
+/*
+ * The outcome of the agreement on insitu_start_mpi (one MPI_Allreduce(MIN) of two ranks,
+ * INT_MAX for none): python_rank, the lowest rank whose Python could not start;
+ * mpi_rank, the lowest rank refused by the MPI check. Returns INSITU_OK when both are
+ * INT_MAX; otherwise makes *bridge a disabled bridge and returns INSITU_ERR_RUNTIME or
+ * INSITU_ERR_MPI_MISMATCH (message logged by the rank named). Not collective itself.
+ */
+insitu_status_t insitu_start_agreed(int rank, int python_rank, int mpi_rank, insitu_bridge_t **bridge);
+
+/*
  * Start insitu on communicator `comm_f` (a Fortran handle: MPI_Comm_c2f(comm); use the
  * insitu_init macro from C). COLLECTIVE over comm. Connects to the Ray cluster named by
  * INSITU_ADDRESS (see `insitu config`), checks the declarations of all ranks and sets
@@ -205,16 +226,22 @@ insitu_status_t insitu_finalize(insitu_bridge_t **bridge);
 #include <limits.h>
 #include <mpi.h>
 /* C entry point taking an MPI_Comm. COLLECTIVE (see insitu_init_f): every rank starts its
- * embedded Python (insitu_start) and the ranks agree on the outcome with one MPI_Allreduce
- * before calling the library, so one rank whose Python cannot start fails every rank with
- * INSITU_ERR_RUNTIME naming the lowest such rank. */
+ * embedded Python and checks that mpi4py will use the program's MPI library
+ * (insitu_start_mpi), and the ranks agree on both outcomes with one MPI_Allreduce before
+ * anything calls mpi4py's MPI: one rank whose Python cannot start fails every rank with
+ * INSITU_ERR_RUNTIME, one refused by the MPI check with INSITU_ERR_MPI_MISMATCH, naming the
+ * lowest such rank. */
 static inline insitu_status_t insitu_init(MPI_Comm comm, const char *run, int narrays,
                                           const insitu_array_decl_t *arrays, insitu_bridge_t **bridge) {
-    int rank = 0, first = INT_MAX;
+    char version[MPI_MAX_LIBRARY_VERSION_STRING + 1] = "";
+    int rank = 0, len = 0, mine[2] = {INT_MAX, INT_MAX}, first[2] = {INT_MAX, INT_MAX};
     MPI_Comm_rank(comm, &rank);
-    int mine = insitu_start() == INSITU_OK ? INT_MAX : rank;
-    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
-    if (first != INT_MAX) return insitu_start_failed(first, bridge);
+    MPI_Get_library_version(version, &len);
+    insitu_status_t started = insitu_start_mpi(version);
+    if (started == INSITU_ERR_MPI_MISMATCH) mine[1] = rank;
+    else if (started != INSITU_OK) mine[0] = rank;
+    MPI_Allreduce(mine, first, 2, MPI_INT, MPI_MIN, comm);
+    if (first[0] != INT_MAX || first[1] != INT_MAX) return insitu_start_agreed(rank, first[0], first[1], bridge);
     return insitu_init_f((int)MPI_Comm_c2f(comm), run, narrays, arrays, bridge);
 }
 #endif

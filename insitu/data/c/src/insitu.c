@@ -5,11 +5,15 @@
  *
  * Built by `insitu build-shim` with -DINSITU_PYTHON_DEFAULT="<interpreter>" recorded at
  * build time; INSITU_PYTHON overrides it at run time. The library never calls MPI: the
- * communicator arrives as a Fortran handle and mpi4py uses the MPI the program linked.
+ * communicator arrives as a Fortran handle and mpi4py uses the MPI the program linked,
+ * which insitu_start_mpi checks (and pins) before mpi4py.MPI is imported (insitu/mpilib.py).
  */
+#define _GNU_SOURCE /* RTLD_DEFAULT, dladdr */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +39,7 @@ struct insitu_bridge {
 static _Thread_local char last_error[2048];
 static PyObject *capi = NULL; /* the insitu.capi module */
 static int python_failed = 0;
+static char mpi_refused[1900]; /* this rank's MPI check message ("" if it passed) */
 
 /* The simulation's signals: whatever the embedded Python (or a module it imports) does,
  * these handlers are what the simulation set once an insitu call returns. */
@@ -184,7 +189,7 @@ const char *insitu_status_name(insitu_status_t status) {
                                   "INSITU_ERR_NAME",     "INSITU_ERR_SIZE",     "INSITU_ERR_DTYPE",
                                   "INSITU_ERR_STATE",    "INSITU_ERR_SEND",     "INSITU_ERR_CONTRACT",
                                   "INSITU_ERR_TIMEOUT",  "INSITU_ERR_ANALYTICS", "INSITU_ERR_RUNTIME",
-                                  "INSITU_ERR_VERSION",  "INSITU_DISABLED"};
+                                  "INSITU_ERR_VERSION",  "INSITU_DISABLED",     "INSITU_ERR_MPI_MISMATCH"};
     if ((int)status < 0 || (size_t)status >= sizeof names / sizeof names[0]) return "INSITU_UNKNOWN_STATUS";
     return names[status];
 }
@@ -198,22 +203,82 @@ insitu_status_t insitu_start(void) {
     return status;
 }
 
+/* *bridge = a disabled bridge (every later call returns INSITU_DISABLED). */
+static void disabled_bridge(insitu_bridge_t **bridge) {
+    if (bridge == NULL) return;
+    insitu_bridge_t *b = calloc(1, sizeof *b);
+    if (b != NULL) {
+        b->magic = MAGIC;
+        b->state = DISABLED;
+    }
+    *bridge = b;
+}
+
 insitu_status_t insitu_start_failed(int failed_rank, insitu_bridge_t **bridge) {
     char mine[1536];
     snprintf(mine, sizeof mine, "%s", python_failed ? last_error : "");
     snprintf(last_error, sizeof last_error,
              "rank %d: the embedded Python could not start%s%s; insitu is disabled for the rest of the run",
              failed_rank, mine[0] ? ": " : "", mine);
-    if (bridge != NULL) {
-        insitu_bridge_t *b = calloc(1, sizeof *b);
-        if (b != NULL) {
-            b->magic = MAGIC;
-            b->state = DISABLED;
-        }
-        *bridge = b;
-    }
+    disabled_bridge(bridge);
     fprintf(stderr, "insitu: error: %s\n", last_error);
     return INSITU_ERR_RUNTIME;
+}
+
+static PyObject *path_or_none(const void *symbol) {
+    Dl_info info;
+    if (symbol == NULL || dladdr(symbol, &info) == 0 || info.dli_fname == NULL) Py_RETURN_NONE;
+    return str_or_none(info.dli_fname);
+}
+
+/* Which libmpi mpi4py's MPI extension needs (Python), whether that name already denotes a
+ * loaded object (dlopen RTLD_NOLOAD from here, whose run path starts with the shim directory
+ * and its libmpi.so.12 link: never loads anything, and pins the name to the object found),
+ * and whether that object is the program's (the one defining MPI_Get_library_version in the
+ * global scope); insitu.capi.check_mpi gives the verdict. */
+static insitu_status_t check_mpi(const char *program_version) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *need = PyObject_CallMethod(capi, "mpi_needed", NULL);
+    insitu_status_t status = take_status(need);
+    if (status == INSITU_OK && PyTuple_Size(need) == 4) {
+        PyObject *extension = PyTuple_GetItem(need, 2), *soname = PyTuple_GetItem(need, 3);
+        void *program = dlsym(RTLD_DEFAULT, "MPI_Get_library_version");
+        void *handle = dlopen(PyUnicode_AsUTF8(soname), RTLD_LAZY | RTLD_NOLOAD);
+        void *theirs = handle ? dlsym(handle, "MPI_Get_library_version") : NULL;
+        PyObject *loaded = handle == NULL ? Py_NewRef(Py_None) : theirs ? path_or_none(theirs) : Py_NewRef(soname);
+        PyObject *result = PyObject_CallMethod(capi, "check_mpi", "NNONNi", str_or_none(program_version),
+                                               path_or_none(program), extension, Py_NewRef(soname), loaded,
+                                               program != NULL && theirs == program);
+        status = take_status(result);
+        Py_XDECREF(result);
+    }
+    Py_XDECREF(need);
+    PyGILState_Release(gil);
+    snprintf(mpi_refused, sizeof mpi_refused, "%s", status == INSITU_OK ? "" : last_error);
+    return status;
+}
+
+insitu_status_t insitu_start_mpi(const char *program_version) {
+    struct saved_signals saved;
+    save_signals(&saved);
+    insitu_status_t status = ensure_python();
+    if (status == INSITU_OK) status = check_mpi(program_version);
+    restore_signals(&saved);
+    return status == INSITU_OK ? ok() : status;
+}
+
+insitu_status_t insitu_start_agreed(int rank, int python_rank, int mpi_rank, insitu_bridge_t **bridge) {
+    if (python_rank != INT_MAX) return insitu_start_failed(python_rank, bridge);
+    if (mpi_rank == INT_MAX) return ok();
+    if (mpi_refused[0] != '\0')
+        snprintf(last_error, sizeof last_error, "one MPI per process: rank %d: %s; insitu is disabled for the rest "
+                 "of the run", rank, mpi_refused);
+    else
+        snprintf(last_error, sizeof last_error, "one MPI per process: rank %d's embedded mpi4py would not use its "
+                 "program's MPI library (see its message); insitu is disabled for the rest of the run", mpi_rank);
+    disabled_bridge(bridge);
+    if (rank == mpi_rank) fprintf(stderr, "insitu: error: %s\n", last_error);
+    return INSITU_ERR_MPI_MISMATCH;
 }
 
 static insitu_status_t init_f(int comm_f, const char *run, int narrays, const insitu_array_decl_t *arrays,

@@ -62,8 +62,10 @@ program heat2d
         lap = u(0:lx - 1, 1:ly) + u(2:lx + 1, 1:ly) + u(1:lx, 0:ly - 1) + u(1:lx, 2:ly + 1) - 4 * u(1:lx, 1:ly)
         u(1:lx, 1:ly) = u(1:lx, 1:ly) + alpha * lap
 
-        ! insitu: send the interior (positions 2..lx+1 of u, ghost cells in place; collective)
-        call insitu_send(bridge, step, 'temperature', u, [2, 2], [lx, ly], status)
+        ! insitu: stage the interior (positions 2..lx+1 of u, ghost cells in place; local), then
+        ! send every staged array as this step (collective)
+        call insitu_stage(bridge, 'temperature', u, [2, 2], [lx, ly])
+        call insitu_send(bridge, step, status)
         if (status /= INSITU_OK .and. status /= INSITU_DISABLED .and. rank == 0) &
             write (0, '(a,i0,a,a)') 'heat2d: step ', step, ': ', insitu_last_error()
         last = step
