@@ -300,3 +300,24 @@ def test_relayed_work_has_deadlines_reports_target_failures_and_dies_with_its_co
         time.sleep(1)
     assert _alive_actors(cluster.address, run) == [], "the relay and the actors it made must die with the consumer"
     assert _stopped(ticks), "the task the relay submitted must stop with it"
+
+
+def test_close_finds_every_relay_the_dispatcher_made_by_name(cluster: Any) -> None:
+    """A replacement relay (made after the dispatcher lost sight of the first) is named too, and close() ends both."""
+    import ray
+
+    from insitu.dispatch import Dispatcher
+
+    run = run_name("fallback")
+    d = Dispatcher(run)
+    first = d.relay()
+    d._forget_relay()  # what a call that saw the relay fail does; this one is still alive
+    second = d.relay()
+    assert first != second
+    names = [f"{d.relay_prefix}1", f"{d.relay_prefix}2"]
+    assert all(ray.get_actor(n, namespace=d.namespace) for n in names)
+    d.close()
+    end = time.monotonic() + 30
+    while _alive_actors(cluster.address, run) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _alive_actors(cluster.address, run) == []
