@@ -1,4 +1,5 @@
-"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, record, build-shim, debug-info.
+"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, record, replay,
+build-shim, debug-info.
 
 A user error (an :mod:`insitu.errors` exception, a missing file, a bad option, a cluster that
 cannot be reached) prints one line to stderr and exits non-zero; ``--debug`` shows its
@@ -137,6 +138,12 @@ def _record(args: argparse.Namespace) -> int:
     return main_record(args.run, arrays, args.out, args.every, args.address)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from insitu.replay import main_replay
+
+    return main_replay(args.path, args.run, args.ranks, args.pace, args.steps, args.address)
+
+
 def _steer(args: argparse.Namespace) -> int:
     import json
 
@@ -253,6 +260,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="the Zarr v3 store (a directory every node sees)")
     r.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
     r.set_defaults(fn=_record)
+    rp = command("replay", "play a recording through a real Bridge under mpiexec (analytics run unchanged)")
+    rp.add_argument("path", help="a store written by insitu record")
+    rp.add_argument("--run", required=True, help="run name the analytics attaches to")
+    rp.add_argument("--ranks", type=int, default=None, help="default: the recorded number, decomposition and nodes")
+    rp.add_argument("--pace", choices=("recorded", "max"), default="max")
+    rp.add_argument("--steps", default=None, help="A:B, the step numbers to replay (half-open, ends optional)")
+    rp.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
+    rp.set_defaults(fn=_replay)
     b = command("build-shim", "build libinsitu.so, the C/Fortran shim, for this Python")
     b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR, else "
                    "$XDG_CACHE_HOME/insitu/shim/<version-python-mpi>, ~/.cache when XDG_CACHE_HOME is unset)")
