@@ -95,10 +95,12 @@ def _demo(args: argparse.Namespace) -> int:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-    pngs = sorted(out.glob("*.png"))
+    snapshots = sorted(out.glob("temperature_*.png"))
+    series = "and timeseries.png" if (out / "timeseries.png").exists() else "(no plots: pip install 'insitu[plot]')"
     ok = all(c == 0 for c in codes)
-    print(f"insitu demo: {'done' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s; {len(pngs)} PNGs, "
-          f"stats in {out / 'stats.json'}; cluster torn down", flush=True)  # fmt: skip
+    print(f"insitu demo: {'done' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s; {len(snapshots)} snapshots "
+          f"{series}, stats in {out / 'stats.json'} (per step: stats.jsonl); cluster torn down",
+          flush=True)  # fmt: skip
     return 0 if ok else 1
 
 
