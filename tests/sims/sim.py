@@ -77,8 +77,9 @@ def main() -> int:
         else:
             extra_specs.append(insitu.ArraySpec.no_block("v", (4,), "i4"))
     if opt.get("second"):
-        # a second field on the same decomposition: w = -u, in float32
-        extra_specs.append(insitu.ArraySpec("w", gshape, "f4", start=spec.start, shape=spec.shape))
+        # a second field on the same decomposition: w = -u, in float32 (or "second_dtype")
+        extra_specs.append(insitu.ArraySpec("w", gshape, opt.get("second_dtype", "f4"), start=spec.start,
+                                            shape=spec.shape))  # fmt: skip
     start = spec.start
     try:
         bridge = insitu.Bridge([spec, *extra_specs], comm=cart, run=opt["run"], **opt.get("config", {}))
@@ -99,7 +100,7 @@ def main() -> int:
         if opt.get("empty_array"):
             kwargs["v"] = np.full(4, step, dtype="i4") if rank == 0 else None
         if opt.get("second"):
-            kwargs["w"] = (-u).astype("f4")
+            kwargs["w"] = (-u).astype(opt.get("second_dtype", "f4"))
         send_step = step
         fault = faults.get(step)
         if fault and fault.get("rank") in (rank, "all"):
