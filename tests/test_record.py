@@ -96,3 +96,31 @@ def test_uneven_blocks_get_a_chunk_grid_that_divides_every_block() -> None:
 
     assert zarr_chunks(((21, 20), (18, 18))) == (1, 18)
     assert zarr_chunks(((12, 8, 4),)) == (4,)
+
+
+def test_a_store_one_node_cannot_see_is_refused_naming_that_node(tmp_path: Path) -> None:
+    """Raylet 1 runs in its own mount namespace with a tmpfs over the store's directory: it cannot see it."""
+    from insitu.cluster.local import LocalCluster
+    from tests.conftest import start_sim
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {shared}"], capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"mount namespaces are denied here: {probe.stderr.strip()}")
+    hide = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs none {shared} && exec "$@"', "sh"]
+    with LocalCluster(nodes=2, cpus_per_node=1, wrappers={1: hide}) as c:  # a short base dir (socket paths)
+        run = run_name("blind")
+        env = {**os.environ, **c.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60"}
+        sim = start_sim(c, 2, {"run": run, "steps": 400, "sleep": 0.05})
+        recorder = subprocess.run([sys.executable, "-m", "insitu", "record", "--arrays", "u", "--out",
+                                   str(shared / "rec.zarr")], env=env, capture_output=True, text=True,
+                                  timeout=180, check=False)  # fmt: skip
+        sim.kill()
+        sim.wait()
+    assert recorder.returncode == 1, recorder.stderr[-3000:]
+    err = recorder.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in recorder.stderr, recorder.stderr[-3000:]
+    assert f"the recording store {shared / 'rec.zarr'} is not visible from node(s) {c.node_ips[1]} (" in err[0]
+    assert "of the 2 holding the run's blocks" in err[0]
