@@ -406,9 +406,7 @@ class Analytics:
         for cb in self._callbacks:
             for _, d in cb.history:
                 for arr in d.values():
-                    for v in arr.dask.values():
-                        if hasattr(v, "hex"):
-                            keep.add(v.hex())
+                    keep.update(b.ref.hex() for b in self.blocks(arr).values())
         self._where = {k: v for k, v in self._where.items() if k in keep}
 
     def _leave(self) -> None:
