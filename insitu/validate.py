@@ -123,8 +123,8 @@ def _check_arrays(
             )
         if value.dtype.newbyteorder("=") != spec.dtype.newbyteorder("="):
             return SendError(
-                f"sent {name!r} with dtype {value.dtype.str} ({value.dtype}); declared {spec.dtype.str} "
-                f"({spec.dtype}): convert it with .astype({spec.dtype.str!r}) or declare {value.dtype.str!r}"
+                f"sent {name!r} with dtype {value.dtype}; declared {spec.dtype}: convert it with "
+                f".astype({spec.dtype.str!r}) or declare {value.dtype.str!r} (either byte order is accepted)"
             )
     return None
 
