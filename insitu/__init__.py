@@ -28,6 +28,7 @@ __all__ = [
     "Bridge",
     "BridgeStats",
     "ByRef",
+    "Bypass",
     "Config",
     "Dispatcher",
     "FailurePolicy",
@@ -51,6 +52,7 @@ _LAZY = {
     "BridgeStats": "insitu.bridge",
     "ByRef": "insitu.dispatch",
     "Dispatcher": "insitu.dispatch",
+    "Bypass": "insitu.bypass",
     "record": "insitu.record",
     "open_recording": "insitu.record",
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from insitu.bypass import Bypass
 from insitu.config import Config, Scheduler, resolve_run
 from insitu.dispatch import Dispatcher
 from insitu.errors import (
@@ -81,6 +82,11 @@ class Analytics:
         Ray address (else ``INSITU_ADDRESS``).
     config
         Base configuration (default :meth:`Config.from_env`).
+    bypass
+        Callbacks (matched by function name, tags ``"<array>:<step>"``) and dispatched calls to
+        bypass (:class:`insitu.Bypass`). A bypassed callback is still run as a Ray task on the
+        node holding its first array's first block; its result is the provider's or the data file's,
+        called as ``provider(tag, data_path, step)``; results are counted in the summary.
     **overrides
         Config fields to override (``deadline=``, ``scheduler=``, ...).
 
@@ -97,7 +103,8 @@ class Analytics:
     """
 
     def __init__(
-        self, run: str | None = None, address: str | None = None, *, config: Config | None = None, **overrides: Any
+        self, run: str | None = None, address: str | None = None, *, config: Config | None = None,
+        bypass: Bypass | None = None, **overrides: Any
     ) -> None:
         base = config or Config.from_env()
         self.config = base.replace(
@@ -121,7 +128,10 @@ class Analytics:
         self._sets: list[tuple[str, Any]] = []
         self._done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
         self._executors: dict[str, Any] = {}
-        self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace, deadline=self.config.deadline)
+        self.bypass = bypass
+        self.bypassed: dict[str, int] = {}
+        self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace, deadline=self.config.deadline,
+                                      bypass=bypass)  # fmt: skip
         self.info: RunInfo | None = None
 
     def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -338,7 +348,7 @@ class Analytics:
             kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
             self._in_callback = True
             try:
-                cb.fn(data.step, **kwargs)  # its .compute() finds our scheduler through the router
+                self._call(cb, data.step, kwargs)  # its .compute() finds our scheduler through the router
             except Exception as exc:
                 message = (
                     f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
@@ -357,6 +367,25 @@ class Analytics:
         # Dask's and Ray's futures can keep a step's refs in reference cycles: collect them now,
         # so a chunk is released when the last window over its array passes it (retention rule)
         gc.collect(1)
+
+    def _call(self, cb: _Callback, step: int, kwargs: dict[str, list[Any]]) -> None:
+        """Run one callback, or its bypass: a Ray task on the node holding its first block."""
+        if self.bypass is None:
+            cb.fn(step, **kwargs)
+            return
+        decision = self.bypass.decide(cb.fn.__name__, [f"{n}:{step}" for n in cb.arrays], step)
+        if decision is None:
+            with self.bypass.installed():
+                cb.fn(step, **kwargs)
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = next(iter(self.blocks(kwargs[cb.arrays[0]][-1]).values())).node
+        options = {"num_cpus": 0}
+        if node:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        self._dispatcher.task(self.bypass.stub(decision), step, options=options).get(timeout=self.config.deadline)
+        self.bypassed[cb.fn.__name__] = self.bypassed.get(cb.fn.__name__, 0) + 1
 
     def _resolve(self, parts: tuple[tuple[str, str, Any], ...]) -> list[tuple[str, str, Any]]:
         """Replace the group objects of step relays by their ``(array, node, ref)`` parts

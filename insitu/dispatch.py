@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from insitu.bypass import Bypass, for_call
 from insitu.errors import ConfigError, RelayLostError, StepTimeoutError, UnreachableRefError
 from insitu.reach import (
     HEAD_RESOURCE,
@@ -342,6 +343,9 @@ class Dispatcher:
         Seconds a node-table snapshot may be used for a "direct" answer.
     autoscaler
         Whether an autoscaler may add nodes (then resource constraints prove nothing).
+    bypass
+        Calls to bypass (:class:`insitu.Bypass`, matched by ``fn.__qualname__`` and the call's
+        ``bypass_tag``); default: the bypass in force where the dispatcher is used, if any.
 
     Examples
     --------
@@ -356,6 +360,7 @@ class Dispatcher:
     namespace: str = "insitu"
     relay_concurrency: int = 1000
     deadline: float = 120.0
+    bypass: Bypass | None = None
     _snap: Snapshot | None = field(default=None, init=False, repr=False)
     _relay: Any = field(default=None, init=False, repr=False)
     _tag: str = field(default_factory=lambda: secrets.token_hex(4), init=False, repr=False)
@@ -412,8 +417,13 @@ class Dispatcher:
         return relay
 
     def task(self, fn: Callable[..., Any], *args: Any, options: Mapping[str, Any] | None = None,
-             retriable: bool = False, **kwargs: Any) -> Dispatched:  # fmt: skip
-        """Run ``fn(*args, **kwargs)`` as a Ray task with ``options``."""
+             retriable: bool = False, bypass_tag: str = "", **kwargs: Any) -> Dispatched:  # fmt: skip
+        """Run ``fn(*args, **kwargs)`` as a Ray task with ``options``.
+
+        Under a :class:`insitu.Bypass` that bypasses ``fn`` for ``bypass_tag``, the task runs its
+        stub instead, with the same options and route.
+        """
+        fn = for_call(self.bypass, fn, bypass_tag, args, kwargs)
         opts = dict(options or {})
         if self.route(opts) == Route.DIRECT:
             fn_remote = self._remote_fn(fn).options(**opts)

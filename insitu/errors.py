@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "AnalyticsFailedError",
     "BackpressureTimeout",
+    "BypassError",
     "CallbackError",
     "ConfigError",
     "ContractError",
@@ -105,3 +106,7 @@ class SliceLostError(InsituError, RuntimeError):
 
 class TaskCancelledError(InsituError, RuntimeError):
     """Work on a slice pool was cancelled by the caller."""
+
+
+class BypassError(InsituError, ValueError):
+    """A bypass YAML that breaks the schema, a bypassed call without a result, or a refused data path."""

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from insitu.bypass import Bypass, for_call
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE, ActorProxy, Dispatcher
 from insitu.errors import ConfigError, InsufficientSlicesError, SliceLostError, StepTimeoutError, TaskCancelledError
@@ -176,6 +177,9 @@ class SlicePool:
     shutdown_deadline
         Seconds ``on_shutdown`` may take on a slice (default ``pool_drain_deadline``); the hosts are
         killed when it passes.
+    bypass
+        Calls to bypass (:class:`insitu.Bypass`, by ``fn.__qualname__`` and ``bypass_tag``); default:
+        the bypass in force where the pool is used, if any.
 
     Examples
     --------
@@ -190,7 +194,7 @@ class SlicePool:
     def __init__(self, spec: SliceSpec, sizes: Sequence[int], *, name: str = "pool", probe: Probe | None = None,
                  autoscaler: bool = False, config: Config | None = None,
                  on_shutdown: Callable[[HostEnv], Any] | None = None,
-                 shutdown_deadline: float | None = None) -> None:  # fmt: skip
+                 shutdown_deadline: float | None = None, bypass: Bypass | None = None) -> None:  # fmt: skip
         allowed = sorted({int(s) for s in sizes}, reverse=True)
         if not allowed or allowed[-1] < 0:
             raise ConfigError(f"allowed pool sizes must be a non-empty list of counts >= 0; got {list(sizes)!r}")
@@ -202,6 +206,7 @@ class SlicePool:
         self.config = config or Config.from_env()
         self.lost: set[str] = set()
         self.on_shutdown = on_shutdown
+        self.bypass = bypass
         self.shutdown_deadline = float(self.config.pool_drain_deadline if shutdown_deadline is None
                                        else shutdown_deadline)  # fmt: skip
         if self.shutdown_deadline < 0:
@@ -401,8 +406,13 @@ class SlicePool:
 
     # -- work ---------------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], *args: Any, grouping: Grouping = Grouping.SLICE,
-               **kwargs: Any) -> PoolCall:  # fmt: skip
-        """Start ``fn(env, *args, **kwargs)`` on every host of every slice; ``env`` is a :class:`HostEnv`."""
+               bypass_tag: str = "", **kwargs: Any) -> PoolCall:  # fmt: skip
+        """Start ``fn(env, *args, **kwargs)`` on every host of every slice; ``env`` is a :class:`HostEnv`.
+
+        Under a :class:`insitu.Bypass` (``bypass=`` of the pool, else the one in force) that bypasses
+        ``fn`` for ``bypass_tag``, every host runs its stub instead, on the same slices.
+        """
+        fn = for_call(self.bypass, fn, bypass_tag, args, kwargs)
         if not self._slices:
             raise InsufficientSlicesError(f"pool {self.name!r} has no slice: call scale() first")
         call_id = next(self._calls)
@@ -410,10 +420,10 @@ class SlicePool:
             parts = {sid: r.actor.call("run", call_id, fn, args, kwargs) for sid, r in self._slices.items()}
         return PoolCall(self, call_id, parts, Grouping(grouping))
 
-    def run(self, fn: Callable[..., Any], *args: Any, grouping: Grouping = Grouping.SLICE,
-            timeout: float | None = None, **kwargs: Any) -> dict[str, list[Any]] | list[Any]:  # fmt: skip
+    def run(self, fn: Callable[..., Any], *args: Any, grouping: Grouping = Grouping.SLICE, timeout: float | None = None,
+            bypass_tag: str = "", **kwargs: Any) -> dict[str, list[Any]] | list[Any]:  # fmt: skip
         """:meth:`submit` and wait for the results."""
-        return self.submit(fn, *args, grouping=grouping, **kwargs).result(timeout)
+        return self.submit(fn, *args, grouping=grouping, bypass_tag=bypass_tag, **kwargs).result(timeout)
 
     # -- ending -------------------------------------------------------------------------------
     def drain(self, graceful: bool = True) -> None:

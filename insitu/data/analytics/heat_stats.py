@@ -242,13 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--placement", type=Path, default=None, help="write each block's node and route (step 0)")
     p.add_argument("--fail-at", type=int, default=None, help="test aid: raise in the callback at this step")
     p.add_argument("--park-at", type=int, default=None, help="test aid: sleep 3600 s at this step")
+    p.add_argument("--bypass", type=Path, default=None, help="bypass YAML (docs/record-replay.md)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     plots = None
     if args.png_every or args.plot_every:
         plots = Plots.load(args.out, args.vmin, args.vmax, args.threshold)
 
-    analytics = insitu.Analytics(run=args.run)
+    analytics = insitu.Analytics(run=args.run, bypass=insitu.Bypass(args.bypass) if args.bypass else None)
     stats: dict[int, dict[str, float]] = {}
     started = time.monotonic()
     stop_sent: list[int] = []

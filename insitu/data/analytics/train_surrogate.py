@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any host may wait for the others")
+    p.add_argument("--bypass", type=Path, default=None, help="bypass YAML (docs/record-replay.md)")
     args = p.parse_args(argv)
     cfg = {"device": args.device, "iters": args.iters, "lr": args.lr, "seed": args.seed, "timeout": args.timeout}
 
-    analytics = insitu.Analytics(run=args.run)
+    analytics = insitu.Analytics(run=args.run, bypass=insitu.Bypass(args.bypass) if args.bypass else None)
     spec = SliceSpec(hosts=args.hosts, prefix=args.prefix, gpus_per_host=1.0 if args.device == "cuda" else 0.0)
     losses: dict[int, float] = {}
     state: dict[str, Any] = {}
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         windows = [[arr[b] for arr in per_array] for b in blocks]
         shards = [windows[h :: args.hosts] for h in range(args.hosts)]
         t = time.monotonic()
-        result = pool.run(train_step, shards, cfg, grouping=Grouping.FLAT, timeout=args.timeout + 60)
+        result = pool.run(train_step, shards, cfg, grouping=Grouping.FLAT, timeout=args.timeout + 60,
+                          bypass_tag=f"temperature:{step}")  # fmt: skip
         losses[step] = result[0]
         print(f"step {step:5d} | loss {result[0]:.3e} | {time.monotonic() - t:5.2f} s", flush=True)
 
