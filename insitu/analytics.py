@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -151,6 +152,15 @@ class Analytics:
             return fn
 
         return register
+
+    def record(self, arrays: Sequence[str], path: str | os.PathLike[str], every: int = 1) -> Any:
+        """Record ``arrays`` to the Zarr store ``path`` while this analytics runs (see :func:`insitu.record`).
+
+        Returns the :class:`insitu.record.Recorder` (``steps``, ``bytes``, ``by_node``).
+        """
+        from insitu.record import record
+
+        return record(self, arrays, path, every)
 
     def windows(self) -> dict[str, int]:
         """The arrays the callbacks read, each with its largest window (what the head retains for us)."""
