@@ -10,7 +10,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -40,6 +40,8 @@ class RunSummary:
     steps: int
     last_step: int | None
     reason: EndReason
+    handled: dict[str, int] = field(default_factory=dict)
+    """Exceptions each callback's ``on_error`` handled (by callback name)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class _Callback:
     arrays: tuple[str, ...]
     window: int
     history: deque[tuple[int, dict[str, Any]]]
+    partial: bool = False
+    on_error: Callable[[int, BaseException], Any] | None = None
 
 
 def _link_class() -> Any:
@@ -130,17 +134,26 @@ class Analytics:
         self._done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
         self._executors: dict[str, Any] = {}
         self.bypass = bypass
+        self._handled: dict[str, int] = {}
         self.bypassed: dict[str, int] = {}
         self._dispatcher = Dispatcher(self.run_name, namespace=self.config.namespace, deadline=self.config.deadline,
                                       bypass=bypass)  # fmt: skip
         self.info: RunInfo | None = None
 
-    def on_step(self, *arrays: str, window: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def on_step(self, *arrays: str, window: int = 1, partial: bool = False,
+                on_error: Callable[[int, BaseException], Any] | None = None,
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
         """Register ``fn(step, **arrays)`` to run on every step (or every full window).
 
-        Each named array arrives as a list of ``window`` Dask arrays, oldest first;
+        Each named array arrives as a list of up to ``window`` Dask arrays, oldest first;
         each has a ``.step`` attribute. With ``window > 1`` the callback first runs
-        when the window is full.
+        when the window is full, or from the first step with the steps so far when
+        ``partial`` is true.
+
+        ``on_error(step, exc)`` handles this callback's exceptions: the error is logged and
+        counted (:attr:`RunSummary.handled`) and the run goes on. A handler that raises counts
+        as a failure of the callback under the run's policy; without a handler, any exception
+        of the callback is one.
         """
         if not arrays:
             raise ContractError("on_step needs at least one array name")
@@ -148,7 +161,8 @@ class Analytics:
             raise ContractError(f"window must be >= 1; got {window}")
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self._callbacks.append(_Callback(fn, tuple(arrays), int(window), deque(maxlen=int(window))))
+            self._callbacks.append(_Callback(fn, tuple(arrays), int(window), deque(maxlen=int(window)),
+                                             bool(partial), on_error))  # fmt: skip
             return fn
 
         return register
@@ -317,7 +331,7 @@ class Analytics:
             for item in batch:
                 if isinstance(item, RunEnd):
                     if item.reason == EndReason.CLOSED:
-                        summary = RunSummary(steps, last, item.reason)
+                        summary = RunSummary(steps, last, item.reason, dict(self._handled))
                         for fn in self._on_close:
                             try:
                                 fn(summary)
@@ -353,12 +367,12 @@ class Analytics:
             if not all(n in arrays for n in cb.arrays):
                 continue
             cb.history.append((data.step, {n: arrays[n] for n in cb.arrays}))
-            if history or len(cb.history) < cb.window:
+            if history or (len(cb.history) < cb.window and not cb.partial):
                 continue
             kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
             self._in_callback = True
             try:
-                self._call(cb, data.step, kwargs)  # its .compute() finds our scheduler through the router
+                self._call_handled(cb, data.step, kwargs)
             except Exception as exc:
                 message = (
                     f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
@@ -377,6 +391,19 @@ class Analytics:
         # Dask's and Ray's futures can keep a step's refs in reference cycles: collect them now,
         # so a chunk is released when the last window over its array passes it (retention rule)
         gc.collect(1)
+
+    def _call_handled(self, cb: _Callback, step: int, kwargs: dict[str, list[Any]]) -> None:
+        """The callback (its ``.compute()`` finds our scheduler through the router), errors to its handler."""
+        if cb.on_error is None:
+            self._call(cb, step, kwargs)
+            return
+        try:
+            self._call(cb, step, kwargs)
+        except Exception as exc:
+            log.warning("callback %s failed at step %d (handled by %s): %s: %s", cb.fn.__name__, step,
+                        getattr(cb.on_error, "__name__", "on_error"), type(exc).__name__, exc)  # fmt: skip
+            cb.on_error(step, exc)  # a handler that raises fails the callback
+            self._handled[cb.fn.__name__] = self._handled.get(cb.fn.__name__, 0) + 1
 
     def _call(self, cb: _Callback, step: int, kwargs: dict[str, list[Any]]) -> None:
         """Run one callback, or its bypass: a Ray task on the node holding its first block."""

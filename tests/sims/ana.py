@@ -16,8 +16,16 @@ def main() -> int:
     print(json.dumps({"node": os.environ.get("SLURMD_NODENAME")}), flush=True)
 
     name = opt.get("array", "u")
+    handled: list[int] = []
 
-    @analytics.on_step(name, window=opt.get("window", 1))
+    def on_error(s: int, exc: BaseException) -> None:
+        handled.append(s)
+        print(json.dumps({"handled": s, "error": str(exc)}), flush=True)
+        if opt.get("handler_raises"):
+            raise RuntimeError(f"handler gave up at step {s}")
+
+    @analytics.on_step(name, window=opt.get("window", 1), partial=opt.get("partial", False),
+                       on_error=on_error if opt.get("handle") else None)  # fmt: skip
     def step(s: int, **arrays: list) -> None:
         u = arrays[name]
         mean = float(u[-1].mean().compute())
@@ -29,7 +37,7 @@ def main() -> int:
             time.sleep(3600)
 
     summary = analytics.run()
-    print(json.dumps({"done": summary.steps}), flush=True)
+    print(json.dumps({"done": summary.steps, "handled": summary.handled}), flush=True)
     return 0
 
 
