@@ -63,7 +63,7 @@ def _check_dtype(name: str, dtype: np.dtype[Any]) -> None:
         raise ContractError(
             f"array {name!r}: structured dtypes are not supported; got {dtype} with fields {list(dtype.names)}. "
             f"Declare one array per field instead (e.g. ArraySpec({name + '_' + dtype.names[0]!r}, ..., "
-            f"{dtype.fields[dtype.names[0]][0].str!r}) and send value[{dtype.names[0]!r}])"
+            f"{dtype[dtype.names[0]].str!r}) and send value[{dtype.names[0]!r}])"
         )
     if dtype.subdtype is not None or dtype.kind == "V" or np.dtype(dtype.str) != dtype:
         raise ContractError(
