@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=f"{64 * KIB},{512 * KIB},{8 * MIB},{32 * MIB}", help="bytes per rank")
     p.add_argument("--steps", type=int, default=200, help="measured steps per run (after 10 warm-up steps)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/<UTC date>.json)")
+    p.add_argument("--allow-skip", action="store_true",
+                   help="exit 0 even when a peer or a size was skipped or failed after its retries")  # fmt: skip
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     steps, warmup = args.steps, 10
@@ -141,7 +143,33 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(results, indent=1))
         runner.close()
     print(f"results written to {out}")
+    skipped = skips(results)
+    for what in skipped:
+        print(f"SKIPPED {what}", flush=True)
+    if skipped and not args.allow_skip:
+        print(f"{len(skipped)} measurement(s) skipped or failed: exit 1 (--allow-skip to accept)", flush=True)
+        return 1
     return 1 if results.get("errors") else 0
+
+
+def skips(results: dict[str, Any]) -> list[str]:
+    """Every section that was skipped or failed, and every size that failed after its retries.
+
+    Examples
+    --------
+    >>> skips({"adios2": "skipped: adios2 is not installed", "deisa": [{"size": 65536, "error": "x"}],
+    ...        "errors": {"cpu": "boom"}, "insitu": [{"size": 1}]})
+    ['adios2: skipped: adios2 is not installed', 'deisa: 64 KiB failed: x', 'cpu: boom']
+    """
+    out = []
+    for section, value in results.items():
+        if isinstance(value, str) and value.startswith("skipped"):
+            out.append(f"{section}: {value}")
+        elif isinstance(value, list):
+            out += [f"{section}: {row['size'] // KIB} KiB failed: {row['error']}" for row in value
+                    if isinstance(row, dict) and "error" in row and "size" in row]  # fmt: skip
+    out += [f"{section}: {why}" for section, why in results.get("errors", {}).items()]
+    return out
 
 
 if __name__ == "__main__":

@@ -95,11 +95,20 @@ def section_adios2(runner: Runner, sizes: list[int], steps: int, warmup: int) ->
     return rows
 
 
+def _uv_python() -> str | None:
+    """The Python 3.12 ``uv`` manages, if ``uv`` is installed and has one."""
+    uv = shutil.which("uv")
+    if uv is None:
+        return None
+    got = subprocess.run([uv, "python", "find", "3.12"], capture_output=True, text=True, timeout=60, check=False)
+    return got.stdout.strip() or None if got.returncode == 0 else None
+
+
 def _python312() -> str | None:
     """A Python >= 3.12 that runs (a pyenv shim on PATH may not: it is checked)."""
     candidates = [os.environ.get("INSITU_BENCH_PYTHON312"),
-                  *sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob("3.12*/bin/python")),
-                  shutil.which("python3.12")]  # fmt: skip
+                  *sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob("3.1[2-9]*/bin/python")),
+                  _uv_python(), shutil.which("python3.12"), shutil.which("python3.13")]  # fmt: skip
     for c in candidates:
         if not c or not Path(c).exists():
             continue

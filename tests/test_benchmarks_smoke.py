@@ -50,3 +50,13 @@ def test_retries_are_recorded() -> None:
     failed = with_retries("broken", lambda: 1 / 0, retries=2)  # type: ignore[arg-type,return-value]
     assert failed["attempts"] == 3
     assert failed["error"].startswith("ZeroDivisionError")
+
+
+def test_a_skipped_peer_or_failed_size_is_reported_and_fails_the_run_unless_allowed() -> None:
+    from benchmarks.run import skips
+
+    deisa = [{"size": 65536, "send_median_s": 1.0}, {"size": 32 << 20, "error": "SST contact file missing"}]
+    results = {"adios2": "skipped: adios2 is not installed", "deisa": deisa, "errors": {"cpu": "boom"}}
+    assert skips(results) == ["adios2: skipped: adios2 is not installed",
+                              "deisa: 32768 KiB failed: SST contact file missing", "cpu: boom"]  # fmt: skip
+    assert skips({"insitu": [{"size": 65536, "send_median_s": 1.0}]}) == []
