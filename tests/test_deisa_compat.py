@@ -42,6 +42,10 @@ def test_metadata_maps_to_blocks_and_a_bad_entry_on_one_rank_raises_on_every_ran
         "message": "array 'U': blocks overlap: ranks 2, 3 all declare block (1, 0)",
     }
     assert all(r["after_ok"] for r in ranks.values())
+    incomplete = {r["rank"]: r["incomplete"] for r in ranks.values()}
+    assert all(i == incomplete[0] for i in incomplete.values())
+    assert incomplete[0]["raised"] == "SendError"
+    assert "lacks array 'V'" in incomplete[0]["message"]
 
 
 def test_deisa_analytics_refuses_what_insitu_cannot_keep() -> None:

@@ -1,7 +1,8 @@
 """Run under ``mpiexec -n 4`` by test_deisa_compat.py (no cluster needed): deisa-ray metadata to insitu blocks.
 
-Rank 0 prints one JSON list, an object per rank: its blocks of an uneven 2x2 split, and what the compat ``Bridge``
-and ``block_layout`` raised for a malformed entry on rank 2 and for two ranks claiming one chunk.
+Rank 0 prints one JSON list, an object per rank: its blocks of an uneven 2x2 split, and what the compat
+``Bridge`` and ``block_layout`` raised for a malformed entry on rank 2, for two ranks claiming one chunk, and
+for a timestep that begins before the previous one was complete.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 
 from insitu.compat.deisa import Bridge, block_layout
@@ -45,12 +47,17 @@ def main() -> int:
         twice["U"].update(chunk_position=(1, 0), chunk_shape=(4, 4))  # rank 2's chunk
     overlap = outcome(lambda: block_layout(twice, comm))
     after = block_layout(metadata(px, py), comm)  # the next call works
+    bridge = Bridge(comm=comm, arrays_metadata=metadata(px, py))
+    chunk = np.zeros((ROWS[px], COLS[py]))
+    bridge.send(array_name="U", chunk=chunk, timestep=0)
+    incomplete = outcome(lambda: bridge.send(array_name="U", chunk=chunk, timestep=1))  # V of timestep 0 missing
     out = {
         "rank": rank,
         "blocks": {n: {"global_shape": b.global_shape, "start": b.start, "shape": b.shape} for n, b in good.items()},
         "malformed": malformed,
         "overlap": overlap,
         "after_ok": after == good,
+        "incomplete": incomplete,
     }
     everyone = comm.gather(out, root=0)
     if rank == 0:
