@@ -76,7 +76,7 @@ def test_gray_scott_in_deisa_form_runs_on_insitu_and_matches_numpy(cluster: Any,
     run = run_name("deisa")
     env = {**os.environ, **cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60"}
     out, dump = tmp_path / "stats.json", tmp_path / "dump"
-    sim_cmd = [sys.executable, str(GRAY_SCOTT), "--n", "30", "--steps", str(steps), "--dump", str(dump)]
+    sim_cmd = [sys.executable, str(GRAY_SCOTT), "--n", "30", "--steps", str(steps), "--dump", str(dump), "--pack"]
     sim = run_coupled(mpi_command(4, cluster.node_ips, sim_cmd), [sys.executable, str(GRAY_SCOTT_STATS),
                       "--out", str(out)], env, timeout=120)  # fmt: skip
     stats: dict[str, Any] = json.loads(out.read_text())

@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in MODEL.items():
         p.add_argument(f"--{name}", type=float, default=value)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="send from one contiguous scratch buffer, reused for U and V (as codes that pack fields do)",
+    )
     p.add_argument("--dump", type=Path, default=None, help="test aid: rank 0 saves the global U, V per step here")
     args = p.parse_args(argv)
 
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # deisa-ray metadata: the chunk's index in the grid of chunks and its extent
     meta = {"global_shape": (args.n, args.n), "chunk_shape": (lx, ly), "chunk_position": (cx, cy)}
     bridge = Bridge(comm=cart, arrays_metadata={"U": dict(meta), "V": dict(meta)})
+    scratch = np.empty((lx, ly))
     for step in range(args.steps):
         exchange(cart, u)
         exchange(cart, v)
@@ -109,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         dv = args.dv * laplacian(v) + uvv - (args.feed + args.kill) * v[1:-1, 1:-1]
         u[1:-1, 1:-1] += du
         v[1:-1, 1:-1] += dv
-        bridge.send(array_name="U", chunk=u[1:-1, 1:-1], timestep=step)
-        bridge.send(array_name="V", chunk=v[1:-1, 1:-1], timestep=step)
+        if args.pack:  # the bridge must not keep a reference to the buffer past send()
+            scratch[...] = u[1:-1, 1:-1]
+            bridge.send(array_name="U", chunk=scratch, timestep=step)
+            scratch[...] = v[1:-1, 1:-1]
+            bridge.send(array_name="V", chunk=scratch, timestep=step)
+        else:
+            bridge.send(array_name="U", chunk=u[1:-1, 1:-1], timestep=step)
+            bridge.send(array_name="V", chunk=v[1:-1, 1:-1], timestep=step)
         if args.dump is not None:
             dump(cart, args.dump, step, (x0, y0), args.n, u, v)
     # feedback of gray_scott_stats: [(timestep, mean of V), ...] as far as it reached this rank
