@@ -100,3 +100,23 @@ def test_gray_scott_in_deisa_form_runs_on_insitu_and_matches_numpy(cluster: Any,
     assert [t for t, _ in feedback] == list(range(len(feedback)))
     for t, value in feedback:
         assert value == pytest.approx(ref[t]["V_mean"], rel=1e-12)
+
+
+@pytest.mark.cluster
+def test_per_array_windows_exception_handlers_and_ray_address(cluster: Any, tmp_path: Path) -> None:
+    steps = 5
+    env = {k: v for k, v in os.environ.items() if k != "INSITU_ADDRESS"}
+    env.update(cluster.environment(), INSITU_RUN=run_name("deisa-win"), INSITU_DEADLINE="60")
+    env["RAY_ADDRESS"] = env.pop("INSITU_ADDRESS")  # deisa-ray's variable: both sides find the cluster by it
+    out = tmp_path / "seen.json"
+    sim_cmd = [sys.executable, str(GRAY_SCOTT), "--n", "16", "--steps", str(steps)]
+    run_coupled(mpi_command(4, cluster.node_ips, sim_cmd), [sys.executable, str(ROOT / "tests/sims/deisa_ana.py"),
+                str(out)], env, timeout=120)  # fmt: skip
+    seen = json.loads(out.read_text())
+    assert seen["steps"] == steps
+    # per-array windows, partial from the first timestep, oldest first; .t, .timestep and .step agree
+    assert seen["reaction"] == [{"U": list(range(max(0, t - 2), t + 1)), "V": [t], "step": t} for t in range(steps)]
+    # the handler saw the exception and every timestep still reached the callback
+    assert seen["flaky"] == list(range(steps))
+    assert seen["handled"] == ["ValueError: planned failure at timestep 1"]
+    assert seen["summary_handled"] == {"flaky": 1}
