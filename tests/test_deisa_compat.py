@@ -46,6 +46,10 @@ def test_metadata_maps_to_blocks_and_a_bad_entry_on_one_rank_raises_on_every_ran
     assert all(i == incomplete[0] for i in incomplete.values())
     assert incomplete[0]["raised"] == "SendError"
     assert "lacks array 'V'" in incomplete[0]["message"]
+    not_array = {r["rank"]: r["not_array"] for r in ranks.values()}
+    assert all(n == not_array[0] for n in not_array.values())
+    assert not_array[0]["raised"] == "SendError"
+    assert not_array[0]["message"].startswith("rank 1: array 'U': not an array (ValueError")
 
 
 def test_deisa_analytics_refuses_what_insitu_cannot_keep() -> None:

@@ -259,7 +259,7 @@ class Bridge:
 
         The call that completes a timestep (every declared array given) is collective: it
         makes the one :meth:`insitu.Bridge.send` of the step. The others copy the chunk and
-        return. A chunk sent twice for one timestep replaces the first.
+        return. A chunk sent again before its timestep is complete replaces the first.
 
         Parameters
         ----------
@@ -282,7 +282,10 @@ class Bridge:
             self._flush()  # incomplete: insitu's send refuses it on every rank, naming the missing arrays
         self._pending_step = timestep
         if set(self._blocks) - set(self._pending) - {array_name}:
-            self._pending[array_name] = np.array(chunk, copy=True)  # the caller may reuse its buffer
+            try:
+                self._pending[array_name] = np.array(chunk, copy=True)  # the caller may reuse its buffer
+            except (TypeError, ValueError):  # e.g. a ragged list: insitu's send reports it on every rank
+                self._pending[array_name] = chunk
         else:
             self._pending[array_name] = chunk  # completes the timestep: copied once by insitu's send
             self._flush()
@@ -310,7 +313,10 @@ class Bridge:
                         f"the first timestep {self._pending_step!r} lacks array {name!r}; send every declared "
                         f"array ({sorted(self._blocks)}) at every timestep"
                     )
-                dtype = np.asarray(arrays[name]).dtype
+                try:
+                    dtype = np.asarray(arrays[name]).dtype
+                except (TypeError, ValueError) as exc:
+                    raise SendError(f"array {name!r}: not an array ({type(exc).__name__}: {exc})") from None
                 specs.append(ArraySpec(name, b.global_shape, dtype, start=b.start, shape=b.shape))
         except InsituError as exc:
             local = exc

@@ -1,8 +1,8 @@
 """Run under ``mpiexec -n 4`` by test_deisa_compat.py (no cluster needed): deisa-ray metadata to insitu blocks.
 
 Rank 0 prints one JSON list, an object per rank: its blocks of an uneven 2x2 split, and what the compat
-``Bridge`` and ``block_layout`` raised for a malformed entry on rank 2, for two ranks claiming one chunk, and
-for a timestep that begins before the previous one was complete.
+``Bridge`` and ``block_layout`` raised for a malformed entry on rank 2, for two ranks claiming one chunk,
+for a timestep that begins before the previous one was complete, and for a ragged chunk on rank 1.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def main() -> int:
     chunk = np.zeros((ROWS[px], COLS[py]))
     bridge.send(array_name="U", chunk=chunk, timestep=0)
     incomplete = outcome(lambda: bridge.send(array_name="U", chunk=chunk, timestep=1))  # V of timestep 0 missing
+    ragged = Bridge(comm=comm, arrays_metadata=metadata(px, py))
+    ragged.send(array_name="U", chunk=[[1.0, 2.0], [3.0]] if rank == 1 else chunk, timestep=0)
+    not_array = outcome(lambda: ragged.send(array_name="V", chunk=chunk, timestep=0))
     out = {
         "rank": rank,
         "blocks": {n: {"global_shape": b.global_shape, "start": b.start, "shape": b.shape} for n, b in good.items()},
@@ -58,6 +61,7 @@ def main() -> int:
         "overlap": overlap,
         "after_ok": after == good,
         "incomplete": incomplete,
+        "not_array": not_array,
     }
     everyone = comm.gather(out, root=0)
     if rank == 0:
