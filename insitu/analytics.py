@@ -501,6 +501,8 @@ class Analytics:
         if self._head is not None:
             self._dispatcher.close()  # the run's relay, if any work needed it
         self._head = None
+        if self.bypass is not None:
+            self.bypass.close()  # its file server (stubs exported to the cluster keep it alive otherwise)
         if self._holds_ray:
             self._holds_ray = False
             release_ray()  # the last Analytics of the process to leave ends a connection insitu made

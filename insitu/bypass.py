@@ -227,6 +227,25 @@ class Bypass:
             ).remote(self.roots())
         return self._server
 
+    def close(self) -> None:
+        """End the file-server actor (made again if the bypass is used after this).
+
+        Exported stubs hold its handle, which keeps it alive: call this (or use the bypass as a
+        context manager) once the calls are done; :meth:`insitu.Analytics.run` does it at its end.
+        """
+        if self._server is not None:
+            import ray
+
+            ray.kill(self._server)
+            self._server = None
+        self._made.clear()
+
+    def __enter__(self) -> Bypass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextmanager
     def installed(self) -> Iterator[None]:
         """Make this the bypass of the calls made from here (what :func:`active` returns)."""

@@ -85,6 +85,20 @@ def test_an_unpicklable_provider_is_named(bypass: Bypass) -> None:
     assert "heavy_stat" not in bypass.providers
 
 
+@pytest.fixture
+def make() -> Any:
+    """Make bypasses from mappings; their file servers end at teardown (exported stubs keep them alive)."""
+    made: list[Bypass] = []
+
+    def new(doc: dict[str, Any], base: str = ".") -> Bypass:
+        made.append(Bypass.from_mapping(doc, base=base))
+        return made[-1]
+
+    yield new
+    for b in made:
+        b.close()
+
+
 def heavy(x: Any) -> str:
     """The real function: what a bypass must avoid running."""
     return f"real {x}"
@@ -130,31 +144,32 @@ def _dispatch(b: Bypass, tag: str, options: dict[str, Any] | None = None, fn: An
     ({"data": "results/one.npy"}, "any", [1.0, 1.0, 1.0]),             # .npy whatever the tag
     ({"tags": ["U:1"]}, "U:2", "real 3"),                               # tag does not match: runs for real
 ])  # fmt: skip
-def test_data_files_are_served_from_the_node_that_loaded_the_yaml(cluster: Any, served: Path, rule: dict[str, Any],
-                                                                  tag: str, expected: Any) -> None:  # fmt: skip
-    b = Bypass.from_mapping({"bypass": {"heavy": rule}}, base=str(served))
+def test_data_files_are_served_from_the_node_that_loaded_the_yaml(cluster: Any, make: Any, served: Path,
+                                                                  rule: dict[str, Any], tag: str,
+                                                                  expected: Any) -> None:  # fmt: skip
+    b = make({"bypass": {"heavy": rule}}, base=str(served))
     got = _dispatch(b, tag)
     assert (got.tolist() if isinstance(got, np.ndarray) else got) == expected
 
 
 @pytest.mark.cluster
-def test_provider_first_then_data_then_an_error_naming_both_ways(cluster: Any, served: Path) -> None:
-    b = Bypass.from_mapping({"bypass": {"heavy": {"data": "results/train.json"}, "nested": False,
+def test_provider_first_then_data_then_an_error_naming_both_ways(cluster: Any, make: Any, served: Path) -> None:
+    b = make({"bypass": {"heavy": {"data": "results/train.json"}, "nested": False,
                                         "where": True}}, base=str(served))  # fmt: skip
     b.set_provider("heavy", lambda tag, data, x: ("provided", tag, Path(data).name, x))
     assert _dispatch(b, "U:150") == ("provided", "U:150", "train.json", 3)
-    bare = Bypass.from_mapping({"bypass": {"heavy": True}})
+    bare = make({"bypass": {"heavy": True}})
     with pytest.raises(BypassError, match=r"heavy is bypassed \(tag 'U:1'\) but has no result: register one "
                                           r"with bypass.set_provider\('heavy', fn\) or give it `data:` in the YAML"):
         _dispatch(bare, "U:1")
-    evil = Bypass.from_mapping({"bypass": {"heavy": {"data": "results/evil.json"}}}, base=str(served))
+    evil = make({"bypass": {"heavy": {"data": "results/evil.json"}}}, base=str(served))
     with pytest.raises(BypassError, match=r"evil.json is outside the directories the bypass YAML names"):
         _dispatch(evil, "x")
 
 
 @pytest.mark.cluster
-def test_a_condition_veto_runs_the_real_function_and_nested_calls_see_the_bypass(cluster: Any) -> None:
-    b = Bypass.from_mapping({"bypass": {"heavy": True}})
+def test_a_condition_veto_runs_the_real_function_and_nested_calls_see_the_bypass(cluster: Any, make: Any) -> None:
+    b = make({"bypass": {"heavy": True}})
     b.set_provider("heavy", lambda tag, data, x: f"bypassed {tag}")
     b.set_cond("heavy", lambda tag, x: tag != "U:veto")
     assert _dispatch(b, "U:1") == "bypassed U:1"
@@ -163,12 +178,12 @@ def test_a_condition_veto_runs_the_real_function_and_nested_calls_see_the_bypass
 
 
 @pytest.mark.cluster
-def test_a_bypassed_call_lands_on_the_same_node_and_placement_group_as_the_real_one(cluster: Any) -> None:
+def test_a_bypassed_call_lands_on_the_same_node_and_placement_group_as_the_real_one(cluster: Any, make: Any) -> None:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-    b = Bypass.from_mapping({"bypass": {"where": True}})
+    b = make({"bypass": {"where": True}})
     b.set_provider("where", where)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] in cluster.node_ips]
     for node in nodes:
@@ -221,14 +236,14 @@ def placed_provider(tag: str, data: Any, env: Any, x: Any) -> tuple[str, str, st
 
 
 @pytest.mark.cluster
-def test_a_bypassed_pool_call_runs_on_the_same_slices_as_the_real_one(cluster: Any) -> None:
+def test_a_bypassed_pool_call_runs_on_the_same_slices_as_the_real_one(cluster: Any, make: Any) -> None:
     import threading
 
     from insitu.config import Config
     from insitu.pool import Grouping, SlicePool
     from tests.test_pool import _node_slices
 
-    b = Bypass.from_mapping({"bypass": {"placed": {"tags": ["fast"]}}})
+    b = make({"bypass": {"placed": {"tags": ["fast"]}}})
     b.set_provider("placed", placed_provider)
     pool = SlicePool(_node_slices(), sizes=[2], name=f"byp{threading.get_ident() % 10000}", bypass=b,
                      config=Config(pool_ready_deadline=30))  # fmt: skip
