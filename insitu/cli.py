@@ -9,13 +9,16 @@ traceback. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -90,9 +93,14 @@ def _demo(args: argparse.Namespace) -> int:
         except subprocess.TimeoutExpired:
             print("insitu demo: timed out waiting for the simulation and analytics", file=sys.stderr)
             codes = [1]
-        finally:
+        finally:  # SIGTERM first (mpiexec forwards it to the ranks), then SIGKILL after 10 s
             for p in procs:
                 if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
     snapshots = sorted(out.glob("temperature_*.png"))
@@ -296,12 +304,41 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        return int(args.fn(args))
+        with _terminated_cleanly():
+            return int(args.fn(args))
     except USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"insitu {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"insitu {args.command}: {exc}; everything it started was torn down", file=sys.stderr)
+        return 128 + exc.signum
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached a command: unwinds it like KeyboardInterrupt, so its clean-ups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminated_cleanly() -> Iterator[None]:
+    """While a command runs (this process is the command's, not a simulation's), SIGTERM and SIGINT
+    raise :class:`Interrupted` in the main thread: private clusters, subprocesses and consumers are
+    released by the ``with``/``finally`` blocks they were made in. The previous handlers come back after."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

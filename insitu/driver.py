@@ -183,6 +183,9 @@ class _Driver:
             setup = max(self.config.deadline, self.config.startup_deadline)
             end = time.monotonic() + setup
             while True:  # raylets may still be joining when a launcher starts the ranks
+                if not _reachable(self.config.address or ""):
+                    self.failed = True
+                    return DriverRefused(f"the Ray cluster at {self.config.address} went away during set-up")
                 rank_nodes, problems = resolve_nodes(msg.node_settings)
                 if not problems or time.monotonic() > end or not any("no live" in p for p in problems):
                     break
@@ -221,8 +224,13 @@ class _Driver:
             log.warning("could not abort run %s on its head actor: %s", self.run, exc)
 
     def head_alive(self) -> bool:
+        """Whether the run's head answers (a busy head counts as alive; a cluster whose GCS no longer
+        accepts connections does not: Ray's own calls would wait for its reconnect timeout)."""
         import ray
 
+        assert self.config is not None
+        if self.config.address and not _reachable(self.config.address):
+            return False
         try:
             ray.get(self.head.ping.remote(), timeout=10)
         except ray.exceptions.GetTimeoutError:
@@ -242,6 +250,16 @@ class _Driver:
                     self.failed = True
                     self._abort(msg.reason, msg.registered)
                     channel.send(DriverHello(os.getpid()))  # acknowledgement
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (the cluster's GCS)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def serve(run: str, namespace: str, idle: float, config: Config | None = None) -> int:

@@ -1,0 +1,65 @@
+"""Interrupted commands leave nothing (issue 17 item 4): SIGTERM or SIGINT to `insitu demo` mid-run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _processes_mentioning(text: str, where: str = "cmdline") -> list[str]:
+    """Processes whose command line (or environment) contains ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                seen = (proc / where).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in seen:
+                found.append(f"{proc.name}: {cmd[:160]}")
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_insitu_demo_mid_run_tears_down_everything_it_started(tmp_path: Path, sig: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    demo = subprocess.Popen([sys.executable, "-m", "insitu", "demo", "--steps", "100000", "--out", str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert demo.stdout is not None
+    run = re.search(r"insitu demo: run (\S+),", demo.stdout.readline())
+    assert run, "the demo did not name its run"
+    address = ""
+    end = time.monotonic() + 180
+    while time.monotonic() < end and not address:
+        line = demo.stdout.readline()
+        found = re.search(r"private Ray cluster (\S+) up", line)
+        address = found[1] if found else ""
+    assert address, "the demo did not bring its cluster up"
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not (tmp_path / "stats.jsonl").exists():
+        time.sleep(0.5)
+    assert (tmp_path / "stats.jsonl").exists(), "the demo's analytics never computed a step"
+    assert _processes_mentioning(address), "the demo's raylets should be running now"
+    ranks = _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")
+    assert any("heat2d.py" in r for r in ranks), "the demo's simulation ranks should be running now"
+    demo.send_signal(sig)
+    _, err = demo.communicate(timeout=90)
+    assert demo.returncode == 128 + sig, err[-2000:]
+    assert f"interrupted by {signal.Signals(sig).name}; everything it started was torn down" in err
+    assert "Traceback" not in err, err[-3000:]
+    # a run driver inside a Ray call when the cluster vanished ends at Ray's GCS reconnect timeout (60 s)
+    end = time.monotonic() + 90
+    while time.monotonic() < end and (_processes_mentioning(address)
+                                      or _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")):  # fmt: skip
+        time.sleep(0.5)
+    assert _processes_mentioning(address) == []  # raylets, GCS, workers of its private cluster
+    assert _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ") == []  # analytics, mpiexec, ranks
+    assert list(Path("/dev/shm").glob("insitu-demo-*")) == []
