@@ -43,7 +43,9 @@ def test_the_simulation_finishes_without_hanging_when_the_cluster_goes_away() ->
     assert time.monotonic() - lost_at < 60  # within the deadlines, not a hang
     warnings = [line for line in result.stderr.splitlines() if "RuntimeWarning" in line]
     assert len(warnings) == 1, result.stderr[-3000:]  # one warning for the event, not one per step or rank
-    assert all("lost the connection to the node actor" in w and "further steps are dropped" in w for w in warnings)
+    # the reason is whichever the ranks saw first: the node actor's socket closing, or the analytics' failure
+    # (its message may span lines: a callback's failure carries the error's text)
+    assert "analytics unavailable (" in warnings[0] and result.stderr.count("further steps are dropped") == 1
     for rank in (0, 1):
         events = [e for e in result.events if e["rank"] == rank]
         sent = [e["step"] for e in events if e["event"] == "sent"]
