@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from insitu.config import Backpressure, Config, FailurePolicy, Scheduler
+from insitu.config import Backpressure, Config, FailurePolicy, Scheduler, When
 from insitu.layout import ArrayLayout, ArraySpec
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ __all__ = [
     "Scheduler",
     "SlicePool",
     "SliceSpec",
+    "When",
     "__version__",
     "open_recording",
     "print_debug_info",

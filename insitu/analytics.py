@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from insitu.bypass import Bypass
-from insitu.config import Config, Scheduler, resolve_run
+from insitu.config import Config, Scheduler, When, resolve_run
 from insitu.dispatch import Dispatcher
 from insitu.errors import (
     CallbackError,
@@ -38,7 +38,9 @@ class RunSummary:
     """What :meth:`Analytics.run` saw."""
 
     steps: int
+    """Steps that carried any array this analytics reads (a step sent in several calls counts once)."""
     last_step: int | None
+    """The last such step."""
     reason: EndReason
     handled: dict[str, int] = field(default_factory=dict)
     """Exceptions each callback's ``on_error`` handled (by callback name)."""
@@ -58,9 +60,11 @@ class _Callback:
     fn: Callable[..., Any]
     arrays: tuple[str, ...]
     window: int
-    history: deque[tuple[int, dict[str, Any]]]
+    history: dict[str, deque[tuple[int, Any]]]
+    """Per array: its last ``window`` steps (each array at its own cadence)."""
     partial: bool = False
     on_error: Callable[[int, BaseException], Any] | None = None
+    when: When = When.ALL
 
 
 def _link_class() -> Any:
@@ -129,6 +133,8 @@ class Analytics:
         self._unroute: Callable[[], None] | None = None
         self._where: dict[str, str] = {}
         self._step: int | None = None
+        self._call_step: int | None = None  # the step of the last call processed, and its arrays so far
+        self._step_arrays: set[str] = set()
         self._in_callback = False
         self._sets: list[tuple[str, Any]] = []
         self._done: tuple[int, tuple[tuple[str, Any], ...]] | None = None
@@ -141,14 +147,22 @@ class Analytics:
         self.info: RunInfo | None = None
 
     def on_step(self, *arrays: str, window: int = 1, partial: bool = False,
-                on_error: Callable[[int, BaseException], Any] | None = None,
+                on_error: Callable[[int, BaseException], Any] | None = None, when: When | str = When.ALL,
                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
         """Register ``fn(step, **arrays)`` to run on every step (or every full window).
 
-        Each named array arrives as a list of up to ``window`` Dask arrays, oldest first;
-        each has a ``.step`` attribute. With ``window > 1`` the callback first runs
-        when the window is full, or from the first step with the steps so far when
-        ``partial`` is true.
+        Each named array arrives as a list of up to ``window`` Dask arrays, oldest first:
+        the last ``window`` steps *of that array* (arrays sent at their own cadence keep
+        their own steps); each has a ``.step`` attribute. With ``window > 1`` the callback
+        first runs when the window is full, or from the first step with the steps so far
+        when ``partial`` is true.
+
+        ``when`` chooses the trigger when the simulation sends arrays at their own cadence
+        (:meth:`insitu.Bridge.send`): ``"all"`` (default) runs at a step every one of the
+        callback's arrays has, once the call carrying the last of them arrived; ``"any"``
+        runs at the first call of a step carrying any of them, and an array without that
+        step yet gets an empty list (an array sent in a later call of the same step is not
+        seen by this run of the callback).
 
         ``on_error(step, exc)`` handles this callback's exceptions: the error is logged and
         counted (:attr:`RunSummary.handled`) and the run goes on. A handler that raises counts
@@ -159,10 +173,13 @@ class Analytics:
             raise ContractError("on_step needs at least one array name")
         if int(window) < 1:
             raise ContractError(f"window must be >= 1; got {window}")
+        if when not in tuple(When):
+            raise ContractError(f"when must be 'all' or 'any'; got {when!r}")
+        names = tuple(dict.fromkeys(arrays))
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self._callbacks.append(_Callback(fn, tuple(arrays), int(window), deque(maxlen=int(window)),
-                                             bool(partial), on_error))  # fmt: skip
+            history = {n: deque[tuple[int, Any]](maxlen=int(window)) for n in names}
+            self._callbacks.append(_Callback(fn, names, int(window), history, bool(partial), on_error, When(when)))
             return fn
 
         return register
@@ -343,8 +360,9 @@ class Analytics:
                         return summary
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
                 self._process(item)
-                steps += 1
-                last = item.step
+                if item.parts:  # steps carrying our arrays; not calls (a step may come in several)
+                    steps += int(item.step != last)
+                    last = item.step
 
     def _process(self, data: StepData, history: bool = False) -> None:
         """Run the callbacks of one step; with ``history`` only fill the windows."""
@@ -363,13 +381,29 @@ class Analytics:
             if lay.name in by_array
         }
         self._step = data.step
+        if data.step != self._call_step:  # the first call of a step (a step may come in several calls)
+            self._call_step, self._step_arrays = data.step, set()
+        before = set(self._step_arrays)
+        self._step_arrays.update(arrays)
         for cb in self._callbacks:
-            if not all(n in arrays for n in cb.arrays):
+            new = [n for n in cb.arrays if n in arrays]
+            if not new:
                 continue
-            cb.history.append((data.step, {n: arrays[n] for n in cb.arrays}))
-            if history or (len(cb.history) < cb.window and not cb.partial):
+            for n in new:
+                cb.history[n].append((data.step, arrays[n]))
+            if history:
                 continue
-            kwargs = {n: [h[1][n] for h in cb.history] for n in cb.arrays}
+            if cb.when == When.ALL:
+                if not all(n in self._step_arrays for n in cb.arrays):
+                    continue  # runs at the call completing its set
+                present = list(cb.arrays)
+            else:
+                if any(n in before for n in cb.arrays):
+                    continue  # ran at an earlier call of this step
+                present = new
+            if not cb.partial and any(len(cb.history[n]) < cb.window for n in present):
+                continue
+            kwargs = {n: [a for _, a in cb.history[n]] if n in present else [] for n in cb.arrays}
             self._in_callback = True
             try:
                 self._call_handled(cb, data.step, kwargs)
@@ -470,8 +504,8 @@ class Analytics:
         """Forget the locations of chunks no window holds any more."""
         keep: set[str] = set()
         for cb in self._callbacks:
-            for _, d in cb.history:
-                for arr in d.values():
+            for window in cb.history.values():
+                for _, arr in window:
                     keep.update(b.ref.hex() for b in self.blocks(arr).values())
         self._where = {k: v for k, v in self._where.items() if k in keep}
 
@@ -482,7 +516,8 @@ class Analytics:
             self._unroute()
             self._unroute = None
         for cb in self._callbacks:
-            cb.history.clear()
+            for window in cb.history.values():
+                window.clear()
         self._where.clear()
         if self._head is not None:
             try:

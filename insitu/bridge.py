@@ -8,6 +8,7 @@ no Ray start-up.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import warnings
@@ -50,6 +51,16 @@ log = logging.getLogger(__name__)
 _NO_STEP = NO_STEP
 # Slots of the one allreduce per step (reduced with MAX; "min" values are negated).
 _ERR, _STEP_MAX, _STEP_MIN, _COMPLETED, _VERSION, _FAILED, _NO_SLOT, _TIMED_OUT, _STATE = range(9)
+_FIXED = 9  # then two slots per declared array (sorted by name): passed by a rank, owned but not passed by a rank
+
+
+class _Fate(enum.Enum):
+    """What became of the current step at its first call (its later calls follow it)."""
+
+    NONE = 0
+    SENT = 1
+    SKIPPED = 2
+    DROPPED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +200,11 @@ class Bridge:
         self._analytics_ok = True
         self._failure_message = ""
         self._sent = self._skipped = self._dropped = 0
-        self._vec = np.zeros(9, dtype=np.int64)
-        self._agreed = np.zeros(9, dtype=np.int64)
+        self._names: tuple[str, ...] = tuple(sorted(layouts))
+        self._step_fate = _Fate.NONE
+        self._step_arrays: set[str] = set()
+        self._vec = np.zeros(_FIXED + 2 * len(self._names), dtype=np.int64)
+        self._agreed = np.zeros_like(self._vec)
         local = None
         try:
             self._connect(addresses[self.node], cfg)
@@ -329,12 +343,16 @@ class Bridge:
         blocks = {n: self._layouts[n].block_of(self.rank) for n in self._specs}
         return check_send(step, arrays, self._specs, blocks, self._last_step)
 
-    def _reduce(self, step: int, error: bool, timed_out: bool, gentle: bool = False) -> np.ndarray:
+    def _reduce(
+        self, step: int, error: bool, timed_out: bool, gentle: bool = False, passed: set[str] | None = None
+    ) -> np.ndarray:
         """The one allreduce of a step (see the slot constants above).
 
         ``gentle``: while waiting under back-pressure, poll a non-blocking allreduce with
         short sleeps instead of letting MPI busy-wait, so that waiting ranks leave the
-        node's cores to the actors and analytics they are waiting for.
+        node's cores to the actors and analytics they are waiting for. ``passed``: the arrays
+        this rank passed in the call (two slots per declared array: passed by some rank, and
+        owned but not passed by some rank).
         """
         from mpi4py import MPI
 
@@ -348,6 +366,10 @@ class Bridge:
         v[_NO_SLOT] = int(not self._free)
         v[_TIMED_OUT] = int(timed_out)
         v[_STATE] = -int(self._state_seen)
+        for i, name in enumerate(self._names):
+            sent = passed is not None and name in passed
+            v[_FIXED + 2 * i] = int(sent)
+            v[_FIXED + 2 * i + 1] = int(passed is not None and not sent and self._owns(name))
         if not gentle:
             self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
             return self._agreed
@@ -397,17 +419,25 @@ class Bridge:
         memory that outlives this process. Any array may be a view (e.g. the
         interior of a field with ghost cells); it is copied once.
 
+        Arrays may come at their own cadence: a call may carry any subset of the declared
+        arrays (``u`` every step, ``v`` every 10 steps), and the arrays of one step may be
+        sent in several calls (``send(s, u=u)`` then ``send(s, v=v)``). The calls of one
+        step carry disjoint arrays; the step never decreases from call to call; steering is
+        applied at a step's first call; back-pressure counts steps, not calls. Every rank
+        makes the same calls, and a rank owning a block of an array sent in a call passes it
+        in that call (a rank owning no block of it omits it or passes ``None``).
+
         Parameters
         ----------
         step
-            Step number; must increase from call to call and be equal on all ranks.
+            Step number; never decreases from call to call and is equal on all ranks.
         **arrays
-            One keyword per declared array this rank owns a block of.
+            One keyword per declared array of this call that this rank owns a block of.
 
         Raises
         ------
         SendError
-            Bad input on any rank (same on every rank; nothing published).
+            Bad input on any rank (same on every rank; nothing of this call published).
         BackpressureTimeout
             Policy ``block`` and the analytics did not catch up within the deadline.
         AnalyticsFailedError
@@ -423,64 +453,120 @@ class Bridge:
         step_i, error = self._check(step, arrays)
         error = local_error or error
         self._drain()
-        agreed = self._reduce(step_i, error is not None, False)
-        if agreed[_ERR] or agreed[_STEP_MAX] != -agreed[_STEP_MIN]:
-            if error is None and not agreed[_ERR]:  # only the steps disagree: every rank reports it
+        passed = {n for n, v in arrays.items() if v is not None and self._owns(n)}
+        again = sorted(passed & self._step_arrays) if step_i == self._last_step else []
+        if error is None and again and self._step_fate is not _Fate.NONE:
+            error = SendError(f"array(s) {again} were already sent at step {step_i}; the calls of one step carry "
+                              "disjoint arrays (send a later step instead)")  # fmt: skip
+        agreed = self._reduce(step_i, error is not None, False, passed=passed)
+        call = self._call_arrays(agreed)
+        if error is None and not agreed[_ERR] and agreed[_STEP_MAX] == -agreed[_STEP_MIN]:
+            error = self._call_error(step_i, passed, call, agreed)
+        if agreed[_ERR] or agreed[_STEP_MAX] != -agreed[_STEP_MIN] or self._call_rejected(step_i, call, agreed):
+            if error is None and not agreed[_ERR] and agreed[_STEP_MAX] != -agreed[_STEP_MIN]:
                 error = SendError(f"ranks passed different steps ({-agreed[_STEP_MIN]} to {agreed[_STEP_MAX]})")
             report = None if error is None else (self.rank, type(error).__name__, str(error))
             raise_common(self._comm.allgather(report))  # at least one rank reported: always raises
-        self._last_step = step_i
-        self._apply_steering(int(-agreed[_VERSION]))
+        first = step_i != self._last_step or self._step_fate is _Fate.NONE
+        if first:  # a new step: steering applies, back-pressure decides its fate
+            self._last_step = step_i
+            self._step_arrays = set(call)
+            self._apply_steering(int(-agreed[_VERSION]))
+        else:
+            self._step_arrays |= set(call)
         if agreed[_FAILED]:
+            if first:
+                self._dropped += 1
+                self._step_fate = _Fate.DROPPED
             self._on_failure()
-            self._dropped += 1
             return
         if self._failure_message:  # a consumer attached again (e.g. an analytics restarted after a crash)
             self._failure_message = ""
             self._failure_seen = ""
             self._analytics_ok = True
+        if not first and self._step_fate is not _Fate.SENT:
+            return  # the step was skipped or dropped at its first call: so are its later calls
         completed = int(-agreed[_COMPLETED])
         while self._in_flight and self._in_flight[0] <= completed:
             self._in_flight.popleft()
         limit = self.config.in_flight
-        if len(self._in_flight) >= limit and self.config.backpressure == Backpressure.SKIP:
+        if first and len(self._in_flight) >= limit and self.config.backpressure == Backpressure.SKIP:
             self._skipped += 1
+            self._step_fate = _Fate.SKIPPED
             return
-        if len(self._in_flight) >= limit or agreed[_NO_SLOT]:
-            if not self._block(step_i):
-                self._dropped += 1
+        if (first and len(self._in_flight) >= limit) or agreed[_NO_SLOT]:
+            if first:
+                self._step_fate = _Fate.DROPPED  # unless the wait succeeds (below)
+            if not self._block(step_i, first):
+                self._dropped += int(first)
                 return
-        slot = self._free.pop()
-        views = self._views[slot]
-        for name, view in views.items():
-            np.copyto(view, arrays[name], casting="equiv")  # byte order converted in the one copy
+        mine = [n for n in call if n in passed]
+        slot = -1
+        if mine:
+            slot = self._free.pop()
+            views = self._views[slot]
+            for name in mine:
+                np.copyto(views[name], arrays[name], casting="equiv")  # byte order converted in the one copy
         try:
             assert self._channel is not None
-            self._channel.send((Wire.CHUNKS, step_i, slot))
+            part = None if len(call) == len(self._names) else call
+            self._channel.send((Wire.CHUNKS, step_i, slot, part))
         except OSError as exc:
             self._broken = f"lost the connection to the node actor of node {self.node[:12]}: {exc}"
-        self._in_flight.append(step_i)
-        self._sent += 1
+        if first:
+            self._in_flight.append(step_i)
+            self._sent += 1
+            self._step_fate = _Fate.SENT
 
-    def _block(self, step: int) -> bool:
-        """Wait (collectively) for a free in-flight slot; ``False`` if the analytics failed meanwhile."""
+    def _owns(self, name: str) -> bool:
+        spec = self._specs.get(name)
+        return spec is not None and spec.owns_block
+
+    def _call_arrays(self, agreed: np.ndarray) -> tuple[str, ...]:
+        """The arrays of this call: those any rank passed (sorted)."""
+        return tuple(n for i, n in enumerate(self._names) if agreed[_FIXED + 2 * i])
+
+    def _call_error(self, step: int, passed: set[str], call: tuple[str, ...], agreed: np.ndarray) -> SendError | None:
+        """This rank's part of the call-level checks (after the reduction, so every rank knows the call)."""
+        missing = [n for i, n in enumerate(self._names) if agreed[_FIXED + 2 * i] and agreed[_FIXED + 2 * i + 1]
+                   and n not in passed and self._owns(n)]  # fmt: skip
+        if missing:
+            name = missing[0]
+            return SendError(
+                f"array {name!r} is missing (this rank owns block {self._layouts[name].block_of(self.rank)}; "
+                f"other ranks sent it at step {step}): every rank owning a block of an array passes it in the same call"
+            )
+        return None
+
+    def _call_rejected(self, step: int, call: tuple[str, ...], agreed: np.ndarray) -> bool:
+        """Whether the agreed call is invalid as a whole (decided identically on every rank)."""
+        if any(agreed[_FIXED + 2 * i] and agreed[_FIXED + 2 * i + 1] for i in range(len(self._names))):
+            return True  # a rank owning a block of a sent array did not pass it: that rank reports it
+        if not call:  # every rank takes this branch with the same message
+            raise SendError(f"send({step}) carried no array; pass at least one of {list(self._names)}")
+        return False
+
+    def _block(self, step: int, first: bool = True) -> bool:
+        """Wait (collectively) for a free in-flight slot (at a step's first call) and a free staging
+        slot; ``False`` if the analytics failed meanwhile."""
         end = time.monotonic() + self.config.deadline
         limit = self.config.in_flight
         while True:
             self._drain(0.005)
             agreed = self._reduce(step, False, time.monotonic() > end, gentle=True)
-            self._apply_steering(int(-agreed[_VERSION]))
+            if first:
+                self._apply_steering(int(-agreed[_VERSION]))
             if agreed[_FAILED]:
                 self._on_failure()
                 return False
             completed = int(-agreed[_COMPLETED])
             while self._in_flight and self._in_flight[0] <= completed:
                 self._in_flight.popleft()
-            if len(self._in_flight) < limit and not agreed[_NO_SLOT]:
+            if (not first or len(self._in_flight) < limit) and not agreed[_NO_SLOT]:
                 return True
             if agreed[_TIMED_OUT]:
                 state = AnalyticsState(int(-agreed[_STATE]))
-                if len(self._in_flight) >= limit:
+                if first and len(self._in_flight) >= limit:
                     waiting = (
                         f"{len(self._in_flight)} steps in flight ({list(self._in_flight)}), the analytics "
                         f"completed up to step {completed if completed > _NO_STEP else 'none'}, analytics "

@@ -25,7 +25,7 @@ from typing import Any
 
 from insitu.errors import ConfigError, RunNameError
 
-__all__ = ["Backpressure", "Config", "FailurePolicy", "Scheduler", "resolve_run"]
+__all__ = ["Backpressure", "Config", "FailurePolicy", "Scheduler", "When", "resolve_run"]
 
 
 class Backpressure(enum.StrEnum):
@@ -35,6 +35,15 @@ class Backpressure(enum.StrEnum):
     """Wait (up to ``deadline``) until the analytics frees a slot; then raise ``BackpressureTimeout``."""
     SKIP = "skip"
     """Drop the step on every rank and count it."""
+
+
+class When(enum.StrEnum):
+    """When a callback over several arrays runs (``Analytics.on_step(..., when=)``)."""
+
+    ALL = "all"
+    """At a step every one of its arrays has (the simulation's call completing the set)."""
+    ANY = "any"
+    """At the first call of a step carrying any of its arrays; the others get an empty list."""
 
 
 class FailurePolicy(enum.StrEnum):

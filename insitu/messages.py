@@ -50,7 +50,7 @@ class Wire(enum.IntEnum):
 
     HELLO = 1  # rank -> node: (HELLO, rank, staging path, arrays, slots, stride)
     WELCOME = 2  # node -> rank: (WELCOME,)
-    CHUNKS = 3  # rank -> node: (CHUNKS, step, slot)
+    CHUNKS = 3  # rank -> node: (CHUNKS, step, slot, part): slot -1 if nothing staged, part None = all arrays
     FREE = 4  # node -> rank: (FREE, slot)
     STATUS = 5  # node -> rank: (STATUS, Status)
     CLOSE = 6  # rank -> node: (CLOSE, last step)
@@ -141,6 +141,10 @@ class NodeStep:
     refs: tuple[Any, ...]
     seq: int = 0
     """Per-node message number: the head handles a node's messages in this order."""
+    part: tuple[str, ...] | None = None
+    """The arrays of the simulation's call (``None``: every declared array). A step sent in
+    several calls yields one message per call; nodes holding no block of them send none in
+    ``arrays``, so every node sends one message per call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +162,16 @@ class GroupStep:
     refs: tuple[Any, ...]
     seq: int = 0
     """Per-relay message number: the head handles a relay's messages in this order."""
+    part: tuple[str, ...] | None = None
+    """The arrays of the simulation's call (see :attr:`NodeStep.part`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StepData:
-    """A complete step, served to a consumer in step order: ``(array, unit, ref)`` per part.
+    """A complete call of a step, served to a consumer in order: ``(array, unit, ref)`` per part.
+
+    A step sent in several calls (arrays at their own cadence) arrives as several
+    ``StepData`` of the same ``step``, in call order, each with the arrays of its call.
 
     ``unit`` is a node id (``ref`` holds that node's blocks of the array) or the name of a
     step relay listed in ``RunInfo.relays`` (``ref`` holds ``(node, ref)`` pairs of its group).

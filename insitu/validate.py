@@ -85,7 +85,9 @@ def check_send(
     blocks
         The block index this rank owns of each array (for the messages).
     last_step
-        The previous step sent (``NO_STEP`` before the first).
+        The previous step sent (``NO_STEP`` before the first). The same step again is a
+        further call of that step (its arrays must differ from the earlier calls': checked
+        collectively by the bridge, which knows what every rank sent).
     """
     try:
         step = operator.index(step)
@@ -93,8 +95,8 @@ def check_send(
         return 0, SendError(f"step must be an integer; got {type(step).__name__}")
     if not MIN_STEP <= step <= MAX_STEP:
         return 0, SendError(f"step {step} is outside the 64-bit range of steps [{MIN_STEP}, 2**63 - 1]")
-    if step <= last_step:
-        return step, SendError(f"step {step} does not increase (the previous step was {last_step})")
+    if step < last_step:
+        return step, SendError(f"step {step} is below the previous step {last_step} (steps never decrease)")
     try:
         return step, _check_arrays(arrays, specs, blocks)
     except Exception as exc:  # noqa: BLE001 - any surprise on one rank becomes that rank's agreed SendError
@@ -114,7 +116,7 @@ def _check_arrays(
                 return SendError(f"sent {name!r} although it owns no block of it (send None or omit it)")
             continue
         if value is None:
-            return SendError(f"array {name!r} is missing (this rank owns block {blocks.get(name)})")
+            continue  # not sent in this call: the bridge checks that no other rank sent it
         if not isinstance(value, np.ndarray):
             return SendError(f"{name!r} must be a numpy.ndarray; got {type(value).__name__}")
         if value.shape != spec.shape:

@@ -118,6 +118,36 @@ def test_six_arrays_of_every_fortran_type_and_rank_per_step_arrive_element_by_el
 
 
 @needs_mpich
+@pytest.mark.cluster
+@pytest.mark.parametrize("lang", ["c", "f"])
+def test_arrays_at_their_own_cadence_from_c_and_fortran(
+    cluster: Any, built: dict[str, Any], programs: dict[str, Path], tmp_path: Path, lang: str
+) -> None:
+    """U (and from Fortran T, N, L, B) every step; V every 2nd step in a second call of the same step."""
+    names = ["U", "V"] if lang == "c" else ["U", "V", "N"]
+    out = tmp_path / run_name("cadence")
+    sim = coupled(cluster, built, [str(programs[lang]), "-", str(NX), str(NY), str(STEPS), "2"],
+                  [str(TESTS / "save_steps.py"), "--out", str(out), "--each", *names], clean=True)  # fmt: skip
+    got, stdout = _lines(sim.stdout), sim.stdout[-2000:]
+    ok = "INSITU_OK |" if lang == "c" else "0 |"
+    for rank in range(4):
+        assert [got[(f"send-{k}", rank)] for k in range(STEPS)] == [ok] * STEPS, stdout
+        assert [got[(f"sendv-{k}", rank)] for k in range(0, STEPS, 2)] == [ok] * len(range(0, STEPS, 2)), stdout
+    steps = json.loads((out / "steps.json").read_text())
+    assert steps["U"] == [BASE + k for k in range(STEPS)]
+    assert steps["V"] == [BASE + k for k in range(0, STEPS, 2)]  # only V's own steps
+    for k, (u, v) in enumerate(gray_scott(NX, NY, STEPS)):
+        np.testing.assert_allclose(np.load(out / f"U_{BASE + k}.npy"), u, rtol=1e-13, atol=1e-15, err_msg=f"U {k}")
+        if k % 2 == 0:
+            np.testing.assert_allclose(np.load(out / f"V_{BASE + k}.npy"), v, rtol=1e-13, atol=1e-15,
+                                       err_msg=f"V {k}")  # fmt: skip
+        else:
+            assert not (out / f"V_{BASE + k}.npy").exists()
+    if lang == "f":
+        assert steps["N"] == steps["U"]  # the first call of each step carried the other arrays too
+
+
+@needs_mpich
 def test_insitu_h_compiles_and_links_as_cpp(built: dict[str, Any], tmp_path: Path) -> None:
     mpicxx = MPICC and MPICC.replace("mpicc", "mpicxx")
     source = tmp_path / "use_insitu.cpp"

@@ -124,3 +124,23 @@ def test_per_array_windows_exception_handlers_and_ray_address(cluster: Any, tmp_
     assert seen["flaky"] == list(range(steps))
     assert seen["handled"] == ["ValueError: planned failure at timestep 1"]
     assert seen["summary_handled"] == {"flaky": 1}
+
+
+@pytest.mark.cluster
+def test_arrays_at_their_own_cadence_in_deisa_form(cluster: Any, tmp_path: Path) -> None:
+    """V every 3rd timestep: "AND" runs at V's timesteps, "OR" at every timestep with V's latest window."""
+    steps = 7
+    env = {**os.environ, **cluster.environment(), "INSITU_RUN": run_name("deisa-cad"), "INSITU_DEADLINE": "60"}
+    out, dump = tmp_path / "seen.json", tmp_path / "dump"
+    sim_cmd = [sys.executable, str(GRAY_SCOTT), "--n", "16", "--steps", str(steps), "--v-every", "3", "--dump",
+               str(dump)]  # fmt: skip
+    run_coupled(mpi_command(4, cluster.node_ips, sim_cmd), [sys.executable, str(ROOT / "tests/sims/deisa_ana.py"),
+                str(out), "--cadence"], env, timeout=120)  # fmt: skip
+    seen = json.loads(out.read_text())
+    assert seen["and"] == [{"U": [0], "V": [0]}, {"U": [3], "V": [0, 3]}, {"U": [6], "V": [3, 6]}]
+    v_at = {0: [0], 1: [0], 2: [0], 3: [0, 3], 4: [0, 3], 5: [0, 3], 6: [3, 6]}
+    assert [(e["U"], e["V"]) for e in seen["or"]] == [([t], v_at[t]) for t in range(steps)]
+    ref = reference(dump, steps)
+    for t, e in enumerate(seen["or"]):
+        assert e["V_mean"] == pytest.approx(ref[v_at[t][-1]]["V_mean"], rel=1e-12)
+    assert seen["steps"] == steps

@@ -90,7 +90,7 @@ def test_every_bad_input_raises_everywhere_and_the_run_goes_on(cluster: Any) -> 
         "unknown": "SendError: rank 1: unknown array(s) ['w']",
         "missing": "SendError: rank 1: array 'u' is missing",
         "notarray": "SendError: rank 1: 'u' must be a numpy.ndarray; got list",
-        "step": "SendError: rank 1: step -1 does not increase",
+        "step": "SendError: rank 1: step -1 is below the previous step 0",
         "mismatch": "SendError: ranks 0, 1, 2, 3: ranks passed different steps (7 to 1007)",
         "ragged": "SendError: rank 1: 'u' must be a numpy.ndarray; got list",
         "dict": "SendError: rank 1: 'u' must be a numpy.ndarray; got dict",

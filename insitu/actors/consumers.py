@@ -6,7 +6,8 @@ restarted after a crash: each has its own queue of complete steps, its windows p
 array, an incarnation number and its share of back-pressure.
 
 Retention rule (per array ``A``): the head keeps the chunks of ``A`` only for the
-``W_A - 1`` steps before the oldest step an attached consumer has not finished, where
+``W_A - 1`` steps of ``A`` (arrays come at their own cadence) before the oldest step an
+attached consumer has not finished, where
 ``W_A`` is the largest window over ``A`` of the run's consumers (departed ones included,
 so that an analytics restarted after a crash finds its windows refilled); consumers keep
 their own windows and their queues. A block of ``A`` therefore lives at most
@@ -194,6 +195,7 @@ class ConsumerBook:
         for array, q in self._retained.items():
             readers = [c for c in self.attached() if array in c.windows]
             oldest_open = min((c.completed for c in readers), default=self.last_step) + 1
-            keep_from = oldest_open - (self._window(array) - 1)
-            while q and q[0][0] < keep_from:
+            # the W - 1 steps *of this array* before the oldest open one (arrays have their own cadence)
+            finished = sum(1 for s, _ in q if s < oldest_open)
+            for _ in range(finished - (self._window(array) - 1)):
                 q.popleft()

@@ -66,7 +66,7 @@ class HeadActor:
         self._cfg = config
         self._sim: SimInfo | None = None
         self._nodes: dict[str, Any] = {}
-        self._partial: dict[int, dict[str, NodeStep]] = {}
+        self._partial: dict[tuple[int, tuple[str, ...] | None], dict[str, Any]] = {}
         self._book = ConsumerBook()
         self._steering: dict[str, SteeringUpdate] = {}  # the last update per key, in version order
         self._unpushed: dict[str, SteeringUpdate] = {}  # the same, since the last status push
@@ -81,6 +81,7 @@ class HeadActor:
         self._closed_units: dict[str, int] = {}
         self._end: RunEnd | None = None
         self._steps_assembled = 0
+        self._book_last: int | None = None
         self._created = time.monotonic()
         self._ended_at: float | None = None
         self._event: asyncio.Event | None = None
@@ -196,23 +197,26 @@ class HeadActor:
     async def node_step(self, msg: NodeStep) -> None:
         """A node reporting directly delivered one step (once per node per step)."""
         for m in self._order.push(msg.node, msg.seq, msg):  # a node's steps are handled in its own order
-            self._unit_step(m.node, m.step, m.arrays, m.refs)
+            self._unit_step(m.node, m.step, m.arrays, m.refs, m.part)
 
     async def group_step(self, msg: GroupStep) -> None:
         """A relay's group of nodes delivered one step (once per relay per step)."""
         for m in self._order.push(msg.relay, msg.seq, msg):
-            self._unit_step(m.relay, m.step, m.arrays, m.refs)
+            self._unit_step(m.relay, m.step, m.arrays, m.refs, m.part)
 
-    def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...]) -> None:
+    def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...],
+                   part: tuple[str, ...] | None = None) -> None:  # fmt: skip
         if self._end is not None or (self._book.consumers and not self._book.attached()):
             return  # dropped: nobody will read it
-        have = self._partial.setdefault(step, {})
+        key = (step, part)  # one entry per call of the simulation (arrays at their own cadence)
+        have = self._partial.setdefault(key, {})
         have[unit] = tuple(zip(arrays, refs, strict=True))
         if len(have) == len(self._units):
-            del self._partial[step]
+            del self._partial[key]
             data = tuple((a, u, r) for u in sorted(have) for a, r in have[u])
             self._book.deliver(StepData(step, data))
-            self._steps_assembled += 1
+            self._steps_assembled += int(step != self._book_last)  # steps, not calls
+            self._book_last = step
             self._wake()
         if self._sent_by_unit:
             self._maybe_closed()
@@ -356,17 +360,18 @@ class HeadActor:
             return {}
         if not self._partial:
             return {}
-        step = min(self._partial)
-        missing = [n for u in self._units if u not in self._partial[step] for n in self._unit_nodes[u]]
+        key = min(self._partial, key=lambda k: k[0])
+        missing = [n for u in self._units if u not in self._partial[key] for n in self._unit_nodes[u]]
         return {n[:12]: tuple(r for r, rn in enumerate(self._sim.rank_nodes) if rn == n) for n in missing}
 
     def _describe_wait(self) -> str:
         if self._sim is None:
             return f"no simulation has registered run {self._run!r}"
         if self._partial:
-            step = min(self._partial)
+            step, part = min(self._partial, key=lambda k: k[0])
+            what = f"step {step}" if part is None else f"step {step} (the call with {', '.join(part)})"
             miss = "; ".join(f"node {n} (ranks {list(r)})" for n, r in self._missing().items())
-            return f"step {step} of run {self._run!r} is incomplete: waiting for {miss}"
+            return f"{what} of run {self._run!r} is incomplete: waiting for {miss}"
         return f"run {self._run!r}: no step sent since the last one (simulation busy or stalled)"
 
     def _in_order(self, consumer: int, seq: int | None, apply: Callable[[], None]) -> None:

@@ -116,12 +116,13 @@ class NodeActor:
                 msg = pickle.loads(await reader.readexactly(n))
                 tag = msg[0]
                 if tag == Wire.CHUNKS and state is not None:
-                    _, step, slot = msg
-                    have = self._pending.setdefault(step, {})
+                    _, step, slot, part = msg
+                    key = (step, part)
+                    have = self._pending.setdefault(key, {})
                     have[state.rank] = (state, slot)
-                    if len(have) == len(self._expected):  # the node's step is complete
-                        del self._pending[step]
-                        await self._complete(step, have)
+                    if len(have) == len(self._expected):  # the node's part of this call is complete
+                        del self._pending[key]
+                        await self._complete(step, part, have)
                         del have  # this frame keeps no chunk alive (retention rule)
                 elif tag == Wire.HELLO:
                     state = self._hello(msg, writer)
@@ -146,17 +147,21 @@ class NodeActor:
         finally:
             writer.close()
 
-    async def _complete(self, step: int, have: dict[int, tuple[_RankState, int]]) -> None:
-        """Store the node's step (one put per array), free the slots, tell the head once.
+    async def _complete(self, step: int, part: tuple[str, ...] | None, have: dict[int, tuple[_RankState, int]]) -> None:
+        """Store the node's blocks of one call (one put per array), free the slots, tell the head once.
+
+        ``part`` names the call's arrays (``None``: every declared array); a rank holding no
+        block of them staged nothing (slot -1).
 
         A method of its own so that no local of a long-lived coroutine keeps the chunks'
         refs: the node actor owns them, and must not hold them past the consumers' windows.
         """
         loop = asyncio.get_running_loop()
-        names, refs = await loop.run_in_executor(self._executor, self._put, [have[r] for r in sorted(have)])
-        for st, sl in have.values():
+        staged = [have[r] for r in sorted(have) if have[r][1] >= 0]
+        names, refs = await loop.run_in_executor(self._executor, self._put, staged, part)
+        for st, sl in staged:
             st.writer.write(encode_frame((Wire.FREE, sl)))
-        self._parent.node_step.remote(NodeStep(self._node, step, names, refs, self._messages))
+        self._parent.node_step.remote(NodeStep(self._node, step, names, refs, self._messages, part))
         self._messages += 1
 
     def _hello(self, msg: tuple[Any, ...], writer: asyncio.StreamWriter) -> _RankState:
@@ -185,7 +190,9 @@ class NodeActor:
             writer.write(encode_frame((Wire.STATUS, full)))
         return state
 
-    def _put(self, ranks: list[tuple[_RankState, int]]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    def _put(
+        self, ranks: list[tuple[_RankState, int]], part: tuple[str, ...] | None = None
+    ) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         """Copy every block of one step of this node into the object store, one object per array.
 
         One ``ray.put`` per node, step and array instead of one per block: ``put`` costs ~1 ms
@@ -198,6 +205,8 @@ class NodeActor:
         for state, slot in ranks:
             base = slot * state.stride
             for name, _block, shape, dtype, offset in state.arrays:
+                if part is not None and name not in part:
+                    continue
                 view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=state.map, offset=base + offset)
                 by_array.setdefault(name, []).append(view)
         names = tuple(sorted(by_array))

@@ -43,7 +43,7 @@ class StepRelay:
         self._parent: Any = None
         self._members: dict[str, Any] = {}
         self._order: InOrder[NodeStep | GroupStep] = InOrder()
-        self._pending: dict[int, dict[str, tuple[tuple[str, Any], ...]]] = {}
+        self._pending: dict[tuple[int, tuple[str, ...] | None], dict[str, tuple[tuple[str, Any], ...]]] = {}
         self._sent = 0
         self._closed: dict[str, tuple[int, int]] = {}  # unit -> (last step, messages sent)
 
@@ -60,23 +60,26 @@ class StepRelay:
     async def node_step(self, msg: NodeStep) -> None:
         """One node of the group delivered one step (handled in that node's message order)."""
         for m in self._order.push(msg.node, msg.seq, msg):
-            self._unit_step(m.node, m.step, m.arrays, m.refs)
+            self._unit_step(m.node, m.step, m.arrays, m.refs, m.part)
         self._maybe_closed()
 
     async def group_step(self, msg: GroupStep) -> None:
         """One relay of the level below delivered one step."""
         for m in self._order.push(msg.relay, msg.seq, msg):
-            self._unit_step(m.relay, m.step, m.arrays, m.refs)
+            self._unit_step(m.relay, m.step, m.arrays, m.refs, m.part)
         self._maybe_closed()
 
-    def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...]) -> None:
-        have = self._pending.setdefault(step, {})
+    def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...],
+                   part: tuple[str, ...] | None = None) -> None:  # fmt: skip
+        key = (step, part)  # one entry per call of the simulation
+        have = self._pending.setdefault(key, {})
         have[unit] = tuple(zip(arrays, refs, strict=True))
-        if len(have) == len(self._units):  # units complete steps in step order: so does the group
-            del self._pending[step]
-            self._forward(step, have)
+        if len(have) == len(self._units):  # units complete calls in call order: so does the group
+            del self._pending[key]
+            self._forward(step, have, part)
 
-    def _forward(self, step: int, have: dict[str, tuple[tuple[str, Any], ...]]) -> None:
+    def _forward(self, step: int, have: dict[str, tuple[tuple[str, Any], ...]],
+                 part: tuple[str, ...] | None = None) -> None:  # fmt: skip
         """One group object per array (the group's ``(unit, ref)`` pairs), one message up.
 
         A method of its own so that no frame of this actor keeps a chunk's ref (retention rule).
@@ -87,7 +90,7 @@ class StepRelay:
                 by_array.setdefault(array, []).append((unit, ref))
         names = tuple(sorted(by_array))
         refs = tuple(ray.put(tuple(by_array[a])) for a in names)
-        self._parent.group_step.remote(GroupStep(self._name, step, names, refs, self._sent))
+        self._parent.group_step.remote(GroupStep(self._name, step, names, refs, self._sent, part))
         self._sent += 1
 
     async def node_closed(self, unit: str, last_step: int, messages: int) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from insitu.comm import agree, raise_common
+from insitu.config import When
 from insitu.errors import ContractError, InsituError, SendError, SteeringValueError
 from insitu.layout import ArraySpec, validate_layout
 
@@ -227,9 +228,11 @@ class Bridge:
 
     Notes
     -----
-    The insitu bridge is created at the first complete timestep, when the chunks' dtypes
-    are known. Each chunk but the last of a timestep is copied until the timestep is
-    complete; then one :meth:`insitu.Bridge.send` carries them all (one more copy).
+    The insitu bridge is created at the first timestep, which carries every declared
+    array (the chunks' dtypes are known then). Each chunk but the last of a timestep is
+    copied until the timestep is complete; then one :meth:`insitu.Bridge.send` carries them
+    all (one more copy). Later timesteps may carry a subset (arrays at their own cadence):
+    such a timestep is sent when the next one begins, or at :meth:`close`.
     """
 
     def __init__(
@@ -257,9 +260,10 @@ class Bridge:
     def send(self, array_name: str, chunk: Any, timestep: int) -> None:
         """Hand this rank's chunk of ``array_name`` at ``timestep`` to the analytics.
 
-        The call that completes a timestep (every declared array given) is collective: it
-        makes the one :meth:`insitu.Bridge.send` of the step. The others copy the chunk and
-        return. A chunk sent again before its timestep is complete replaces the first.
+        The call that completes a timestep (every declared array given), or that begins the
+        next timestep after one carrying a subset, is collective: it makes the one
+        :meth:`insitu.Bridge.send` of the step. The others copy the chunk and return. A chunk
+        sent again before its timestep is complete replaces the first.
 
         Parameters
         ----------
@@ -273,13 +277,14 @@ class Bridge:
         Raises
         ------
         SendError
-            On every rank when a timestep begins before the previous one was complete, or
-            any insitu ``send`` error (unknown array, shape, dtype, timestep order).
+            On every rank when a timestep begins before the first one was complete, or
+            any insitu ``send`` error (unknown array, shape, dtype, timestep order, a chunk
+            missing on some ranks).
         """
         if self._closed:
             raise InsituError("send() on a closed Bridge")
         if self._pending and timestep != self._pending_step:
-            self._flush()  # incomplete: insitu's send refuses it on every rank, naming the missing arrays
+            self._flush()  # a timestep with a subset of the arrays (their own cadence)
         self._pending_step = timestep
         if set(self._blocks) - set(self._pending) - {array_name}:
             try:
@@ -310,8 +315,8 @@ class Bridge:
             for name, b in sorted(self._blocks.items()):
                 if name not in arrays:
                     raise SendError(
-                        f"the first timestep {self._pending_step!r} lacks array {name!r}; send every declared "
-                        f"array ({sorted(self._blocks)}) at every timestep"
+                        f"the first timestep {self._pending_step!r} lacks array {name!r}; the first timestep "
+                        f"carries every declared array ({sorted(self._blocks)}): their dtypes are learnt from it"
                     )
                 try:
                     dtype = np.asarray(arrays[name]).dtype
@@ -433,6 +438,7 @@ class _Registered:
     fn: Callable[..., Any]
     windows: tuple[Window, ...]
     handler: Callable[[BaseException], Any]
+    when: str = "AND"
 
 
 class Deisa:
@@ -497,7 +503,9 @@ class Deisa:
             Called with the callback's exception; the run goes on (``TimeoutError`` and
             ``AssertionError`` still end it, as in deisa-ray).
         when
-            ``"AND"`` or ``"OR"``: the same here, since every timestep carries every array.
+            ``"AND"``: run at the timesteps every array has. ``"OR"``: run at the timesteps any
+            of them has, once each was seen; an array without the timestep passes its latest
+            window (as in deisa-ray).
         """
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -521,7 +529,7 @@ class Deisa:
             raise ContractError(f"callback {callback.__name__} reads no array: name at least one")
         if any(w.size < 1 for w in windows):
             raise ContractError(f"window sizes must be >= 1; got {[(w.name, w.size) for w in windows]}")
-        self.registered_callbacks.append(_Registered(callback, tuple(windows), exception_handler))
+        self.registered_callbacks.append(_Registered(callback, tuple(windows), exception_handler, when))
         return callback
 
     def execute_callbacks(self) -> None:
@@ -557,11 +565,17 @@ class Deisa:
 
         wrap = _deisa_array_class().of
 
+        latest: dict[str, list[Any]] = {}  # "OR": each array's latest window (insitu's "any" passes [])
+
         def call(step: int, **arrays: list[Any]) -> None:
-            reg.fn(**{n: [wrap(a) for a in arrays[n][-sizes[n] :]] for n in names})
+            latest.update({n: a for n, a in arrays.items() if a})
+            if any(n not in latest for n in names):
+                return  # deisa-ray's "OR" waits until every array was seen once
+            reg.fn(**{n: [wrap(a) for a in latest[n][-sizes[n] :]] for n in names})
 
         call.__name__ = getattr(reg.fn, "__name__", "callback")
-        self.analytics.on_step(*names, window=max(sizes.values()), partial=True, on_error=handle)(call)
+        when = When.ANY if reg.when == "OR" else When.ALL
+        self.analytics.on_step(*names, window=max(sizes.values()), partial=True, on_error=handle, when=when)(call)
 
     def set(self, key: str, value: Any, timestep: int) -> None:
         """Publish feedback for ``Bridge.get(key, timestep)`` (while :meth:`execute_callbacks` runs).

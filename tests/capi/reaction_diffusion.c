@@ -3,7 +3,8 @@
  * Every rank computes the whole (small, periodic) grid and sends its block of U and V as a memory
  * selection of the full arrays, at 64-bit steps BASE + k. The test recomputes the model with
  * numpy and compares what the analytics received element by element.
- * Usage: reaction_diffusion RUN|- NX NY STEPS. Prints "send-<k> <status> <rank> | <message>" for every step. */
+ * Usage: reaction_diffusion RUN|- NX NY STEPS [EVERY_V]: with EVERY_V, U is sent every step and V every
+ * EVERY_V steps in a second call of the step (arrays at their own cadence). Prints "send-<k> <status> <rank> | <message>" for every step. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@ int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     const char *run = strcmp(argv[1], "-") == 0 ? NULL : argv[1]; /* "-": INSITU_RUN */
     const int nx = atoi(argv[2]), ny = atoi(argv[3]), steps = atoi(argv[4]);
+    const int every_v = argc > 5 ? atoi(argv[5]) : 0; /* V at its own cadence, in a call of its own */
     int nprocs = 0, rank = 0;
     MPI_Comm_size(MPI_COMM_WORLD, &nprocs);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -63,8 +65,12 @@ int main(int argc, char **argv) {
         const insitu_field_t fields[2] = {
             {"U", u, INSITU_FLOAT64, INSITU_ORDER_C, 2, mem, sel_start, sel_count, (int64_t)nx * ny},
             {"V", v, INSITU_FLOAT64, INSITU_ORDER_C, 2, mem, sel_start, sel_count, (int64_t)nx * ny}};
-        s = insitu_send(b, BASE + k, 2, fields); /* one collective step carrying both arrays */
+        s = insitu_send(b, BASE + k, every_v ? 1 : 2, fields); /* one collective step carrying both arrays */
         printf("send-%d %s %d | %s\n", k, insitu_status_name(s), rank, s == INSITU_OK ? "" : insitu_last_error());
+        if (every_v && k % every_v == 0) { /* a second call of the same step, carrying V alone */
+            s = insitu_send(b, BASE + k, 1, &fields[1]);
+            printf("sendv-%d %s %d | %s\n", k, insitu_status_name(s), rank, s == INSITU_OK ? "" : insitu_last_error());
+        }
     }
     s = insitu_finalize(&b);
     printf("finalize %s %d | %s\n", insitu_status_name(s), rank, s == INSITU_OK ? "" : insitu_last_error());

@@ -13,7 +13,7 @@ program reaction_diffusion
     implicit none
     integer(c_int64_t), parameter :: BASE = 5000000000_c_int64_t
     real(c_double), parameter :: DU = 0.16d0, DV = 0.08d0, FEED = 0.035d0, KILL = 0.065d0
-    integer :: nx, ny, steps, ierr, nprocs, rank, k, i, j, a, c, status, y0, ly
+    integer :: nx, ny, steps, ierr, nprocs, rank, k, i, j, a, c, status, y0, ly, every_v
     real(c_double), allocatable :: u(:, :), v(:, :), nu(:, :), nv(:, :)
     real(c_float), allocatable :: t(:, :, :)
     integer(c_int32_t) :: n(4)
@@ -31,6 +31,11 @@ program reaction_diffusion
     read (arg, *) ny
     call get_command_argument(4, arg)
     read (arg, *) steps
+    every_v = 0  ! optional 5th argument: V at its own cadence, every every_v steps in a call of its own
+    if (command_argument_count() >= 5) then
+        call get_command_argument(5, arg)
+        read (arg, *) every_v
+    end if
     call MPI_Init(ierr)
     call MPI_Comm_size(MPI_COMM_WORLD, nprocs, ierr)
     call MPI_Comm_rank(MPI_COMM_WORLD, rank, ierr)
@@ -90,15 +95,23 @@ program reaction_diffusion
                 b(i, j) = int(mod((i - 1) + 2 * (y0 + j - 1) + k, 200) - 100, c_int8_t)
             end do
         end do
-        call insitu_stage(bridge, 'V', v, [1, y0 + 1], [nx, ly])
+        if (every_v == 0) call insitu_stage(bridge, 'V', v, [1, y0 + 1], [nx, ly])
         call insitu_stage(bridge, 'U', v, [1, y0 + 1], [nx, ly])  ! replaced by the next line
         call insitu_stage(bridge, 'U', u, [1, y0 + 1], [nx, ly])
         call insitu_stage(bridge, 'T', t, [1, y0 + 1, 1], [nx, ly, 2])
         call insitu_stage(bridge, 'N', n, [1], [4])
         call insitu_stage(bridge, 'L', l, [1, 1, 1, 1], [nx, ly, 2, 3])
         call insitu_stage(bridge, 'B', b, [1, 1], [nx, ly])
-        call insitu_send(bridge, BASE + k, status)  ! one collective step, six arrays
+        call insitu_send(bridge, BASE + k, status)  ! one collective step, six arrays (five at V's own cadence)
         write (*, '(a, i0, a, i0, a, i0, a, a)') 'send-', k, ' ', status, ' ', rank, ' | ', insitu_last_error()
+        if (every_v > 0) then
+            if (mod(k, every_v) == 0) then  ! a second call of the same step, carrying V alone
+                call insitu_stage(bridge, 'V', v, [1, y0 + 1], [nx, ly])
+                call insitu_send(bridge, BASE + k, status)
+                write (*, '(a, i0, a, i0, a, i0, a, a)') 'sendv-', k, ' ', status, ' ', rank, ' | ', &
+                    insitu_last_error()
+            end if
+        end if
     end do
     call insitu_finalize(bridge, status)
     write (*, '(a, i0, a, i0, a)') 'finalize ', status, ' ', rank, ' |'

@@ -2,7 +2,8 @@
 
 ``reaction`` reads ``Window("U", 3)`` and ``"V"`` (a window of 1) and records the timesteps it saw;
 ``flaky`` raises ``ValueError`` at timestep 1, which its ``exception_handler`` records, and the run
-goes on. Writes one JSON object to the file named by ``argv[1]``.
+goes on. Writes one JSON object to the file named by ``argv[1]``. With ``--cadence`` (``argv[2]``):
+"AND" and "OR" callbacks over U and V sent at their own cadence instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,28 @@ from typing import Any
 from insitu.compat.deisa import Deisa, Window
 
 
+def cadence() -> dict[str, Any]:
+    """``--cadence``: "AND" and "OR" callbacks over U (every timestep) and V (its own cadence)."""
+    seen: dict[str, Any] = {"and": [], "or": []}
+    d = Deisa()
+
+    @d.register("U", Window("V", size=2))
+    def both(U: list[Any], V: list[Any]) -> None:  # noqa: N803
+        seen["and"].append({"U": [a.t for a in U], "V": [a.t for a in V]})
+
+    @d.register("U", Window("V", size=2), when="OR")
+    def either(U: list[Any], V: list[Any]) -> None:  # noqa: N803
+        seen["or"].append({"U": [a.t for a in U], "V": [a.t for a in V], "V_mean": float(V[-1].mean().compute())})
+
+    d.execute_callbacks()
+    seen["steps"] = d.summary.steps
+    return seen
+
+
 def main() -> int:
+    if sys.argv[2:] == ["--cadence"]:
+        Path(sys.argv[1]).write_text(json.dumps(cadence()))
+        return 0
     seen: dict[str, Any] = {"reaction": [], "flaky": [], "handled": []}
     d = Deisa()
 

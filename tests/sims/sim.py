@@ -127,13 +127,26 @@ def main() -> int:
                 send_step = step + 1000
             elif kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+        calls = [kwargs]
+        if opt.get("cadence"):  # arrays at their own cadence: {"u": 1, "w": 3}; "split": one call per array
+            due = {n: v for n, v in kwargs.items() if step % opt["cadence"].get(n, 1) == 0}
+            calls = ([{n: v} for n, v in sorted(due.items())] or [{}]) if opt.get("split") else [due]
+            if fault and fault.get("rank") in (rank, "all") and fault["kind"] == "repeat":
+                calls[-1] = {**calls[-1], **calls[0]}  # an array of the step's first call again
         before = bridge.stats
         try:
+            if len(calls) > 1 or opt.get("cadence"):
+                for call in calls:
+                    bridge.send(send_step, **call)
+                emit(rank, "calls", step=step, arrays=[sorted(c) for c in calls], values={
+                    k: bridge.get(k) for k in opt.get("report_keys", [])})  # fmt: skip
+                calls = []
             if opt.get("view"):
                 ghost = np.zeros(tuple(n + 2 for n in u.shape), dtype=u.dtype)
                 ghost[(slice(1, -1),) * u.ndim] = kwargs["u"] if isinstance(kwargs.get("u"), np.ndarray) else 0
                 kwargs["u"] = ghost[(slice(1, -1),) * u.ndim]
-            bridge.send(send_step, **kwargs)
+            if calls:
+                bridge.send(send_step, **kwargs)
         except InsituError as exc:
             emit(rank, "send-error", step=step, error=f"{type(exc).__name__}: {exc}")
             if not opt.get("catch", True):

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         help="send from one contiguous scratch buffer, reused for U and V (as codes that pack fields do)",
     )
     p.add_argument("--dump", type=Path, default=None, help="test aid: rank 0 saves the global U, V per step here")
+    p.add_argument("--v-every", type=int, default=1, help="send V every N timesteps only (arrays at their own cadence)")
     args = p.parse_args(argv)
 
     world = MPI.COMM_WORLD
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             bridge.send(array_name="V", chunk=scratch, timestep=step)
         else:
             bridge.send(array_name="U", chunk=u[1:-1, 1:-1], timestep=step)
-            bridge.send(array_name="V", chunk=v[1:-1, 1:-1], timestep=step)
+            if step % args.v_every == 0:
+                bridge.send(array_name="V", chunk=v[1:-1, 1:-1], timestep=step)
         if args.dump is not None:
             dump(cart, args.dump, step, (x0, y0), args.n, u, v)
     # feedback of gray_scott_stats: [(timestep, mean of V), ...] as far as it reached this rank
