@@ -20,6 +20,7 @@ from insitu.dispatch import Dispatcher
 from insitu.errors import (
     CallbackError,
     ContractError,
+    NodeLostError,
     SimulationFailedError,
     SteeringValueError,
     StepTimeoutError,
@@ -274,6 +275,8 @@ class Analytics:
             A callback raised (the simulation is told; its policy applies).
         SimulationFailedError
             A simulation rank died before closing.
+        NodeLostError
+            The insitu process of a node died (the message names the node and the last complete step).
         StepTimeoutError
             Nothing arrived within ``deadline`` seconds; names what is missing.
         """
@@ -316,6 +319,8 @@ class Analytics:
         if isinstance(got, Waiting):
             raise StepTimeoutError(f"waited {self.config.deadline:.0f} s: {got.description}")
         if isinstance(got, RunEnd):
+            if got.reason == EndReason.NODE_LOST:
+                raise NodeLostError(got.message)
             raise SimulationFailedError(f"run {self.run_name!r}: {got.message or got.reason.value}")
         return got
 
@@ -358,6 +363,8 @@ class Analytics:
                                     f"{type(exc).__name__}: {exc}", step=-1 if last is None else last, arrays=(),
                                 ) from exc  # fmt: skip
                         return summary
+                    if item.reason == EndReason.NODE_LOST:
+                        raise NodeLostError(item.message)
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
                 self._process(item)
                 if item.parts:  # steps carrying our arrays; not calls (a step may come in several)

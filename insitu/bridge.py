@@ -8,7 +8,6 @@ no Ray start-up.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 import warnings
@@ -20,6 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from insitu.agreement import (
+    COMPLETED,
+    ERR,
+    FAILED,
+    NO_SLOT,
+    STATE,
+    STEP_MAX,
+    STEP_MIN,
+    TIMED_OUT,
+    VERSION,
+    Agreement,
+    Fate,
+)
 from insitu.comm import agree, launcher_mismatch, raise_common
 from insitu.config import Backpressure, Config, FailurePolicy, resolve_run
 from insitu.errors import (
@@ -30,13 +42,10 @@ from insitu.errors import (
     SendError,
     StepTimeoutError,
 )
-from insitu.layout import ArrayLayout, ArraySpec, validate_layout
+from insitu.layout import ArrayLayout, ArraySpec
 from insitu.messages import (
     AbortRun,
     AnalyticsState,
-    DriverRefused,
-    RegisterRun,
-    RunRegistered,
     Status,
     SteeringUpdate,
     Wire,
@@ -49,20 +58,6 @@ __all__ = ["Bridge", "BridgeStats"]
 log = logging.getLogger(__name__)
 
 _NO_STEP = NO_STEP
-# Slots of the one allreduce per step (reduced with MAX; "min" values are negated).
-_ERR, _STEP_MAX, _STEP_MIN, _COMPLETED, _VERSION, _FAILED, _NO_SLOT, _TIMED_OUT, _STATE = range(9)
-_FIXED = 9  # then two slots per declared array (sorted by name): passed by a rank, owned but not passed by a rank
-
-
-class _Fate(enum.Enum):
-    """What became of the current step at its first call (its later calls follow it)."""
-
-    NONE = 0
-    SENT = 1
-    SKIPPED = 2
-    DROPPED = 3
-
-
 @dataclass(frozen=True, slots=True)
 class BridgeStats:
     """Counters of one rank (identical on every rank)."""
@@ -176,7 +171,9 @@ class Bridge:
         result: Any = None
         if self.rank == 0:
             try:
-                result = self._setup_root(gathered)
+                from insitu.driver import register_run
+
+                result = register_run(self._driver, self.config, self.run, self.size, gathered)
             except Exception as exc:  # noqa: BLE001 - the verdict must reach every rank
                 result = ("error", f"rank 0: set-up failed: {type(exc).__name__}: {exc}")
         result = self._comm.bcast(result, root=0)
@@ -201,10 +198,10 @@ class Bridge:
         self._failure_message = ""
         self._sent = self._skipped = self._dropped = 0
         self._names: tuple[str, ...] = tuple(sorted(layouts))
-        self._step_fate = _Fate.NONE
+        self._step_fate = Fate.NONE
         self._step_arrays: set[str] = set()
-        self._vec = np.zeros(_FIXED + 2 * len(self._names), dtype=np.int64)
-        self._agreed = np.zeros_like(self._vec)
+        self._agreement = Agreement(self._names, self._owns)
+        self._vec, self._agreed = self._agreement.vec, self._agreement.agreed
         local = None
         try:
             self._connect(addresses[self.node], cfg)
@@ -238,40 +235,6 @@ class Bridge:
         if self._driver is not None:
             self._driver.close()
             self._driver = None
-
-    def _setup_root(self, gathered: list[Any]) -> tuple[Any, ...]:
-        errors = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
-        if errors:
-            return ("error", "; ".join(errors))
-        names = {g[3] for g in gathered}
-        if len(names) > 1:
-            return ("error", f"ranks disagree on the run name: {sorted(names)}")
-        try:
-            per_rank = [
-                {n: ArraySpec(n, s[1], s[2], start=s[3], shape=s[4]) for n, s in g[1].items()} for g in gathered
-            ]
-            layouts = validate_layout(per_rank)
-        except ContractError as exc:
-            return ("error", str(exc))
-        assert self._driver is not None
-        # the driver waits up to the set-up deadline for raylets, then for the head: allow both
-        setup = max(self.config.deadline, self.config.startup_deadline)
-        settings = tuple(g[2] for g in gathered)
-        try:
-            self._driver.send(RegisterRun(self.config, self.size, tuple(layouts.values()), settings))
-            got = self._driver.wait_for(
-                lambda ms: any(isinstance(m, RunRegistered | DriverRefused) for m in ms),
-                time.monotonic() + 2 * setup + 30,
-            )
-        except OSError as exc:
-            return ("error", f"lost the run driver of run {self.run!r} during registration: {exc}")
-        for m in got:
-            if isinstance(m, DriverRefused):
-                return ("error", m.message)
-            if isinstance(m, RunRegistered):
-                return ("ok", layouts, list(m.rank_nodes), m.addresses)
-        what = "closed the connection" if self._driver.closed else f"did not answer within {2 * setup + 30:.0f} s"
-        return ("error", f"the run driver of run {self.run!r} {what} during registration")
 
     def _connect(self, address: str, cfg: Config) -> None:
         entries: list[tuple[str, Any, tuple[int, ...], str, int]] = []
@@ -357,19 +320,16 @@ class Bridge:
         from mpi4py import MPI
 
         v = self._vec
-        v[_ERR] = int(error)
-        v[_STEP_MAX] = step
-        v[_STEP_MIN] = -step
-        v[_COMPLETED] = -self._completed_seen
-        v[_VERSION] = -self._seen_version
-        v[_FAILED] = int(bool(self._broken) or self._state_seen >= AnalyticsState.DETACHED)
-        v[_NO_SLOT] = int(not self._free)
-        v[_TIMED_OUT] = int(timed_out)
-        v[_STATE] = -int(self._state_seen)
-        for i, name in enumerate(self._names):
-            sent = passed is not None and name in passed
-            v[_FIXED + 2 * i] = int(sent)
-            v[_FIXED + 2 * i + 1] = int(passed is not None and not sent and self._owns(name))
+        v[ERR] = int(error)
+        v[STEP_MAX] = step
+        v[STEP_MIN] = -step
+        v[COMPLETED] = -self._completed_seen
+        v[VERSION] = -self._seen_version
+        v[FAILED] = int(bool(self._broken) or self._state_seen >= AnalyticsState.DETACHED)
+        v[NO_SLOT] = int(not self._free)
+        v[TIMED_OUT] = int(timed_out)
+        v[STATE] = -int(self._state_seen)
+        self._agreement.fill(passed)
         if not gentle:
             self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
             return self._agreed
@@ -455,48 +415,51 @@ class Bridge:
         self._drain()
         passed = {n for n, v in arrays.items() if v is not None and self._owns(n)}
         again = sorted(passed & self._step_arrays) if step_i == self._last_step else []
-        if error is None and again and self._step_fate is not _Fate.NONE:
+        if error is None and again and self._step_fate is not Fate.NONE:
             error = SendError(f"array(s) {again} were already sent at step {step_i}; the calls of one step carry "
                               "disjoint arrays (send a later step instead)")  # fmt: skip
         agreed = self._reduce(step_i, error is not None, False, passed=passed)
-        call = self._call_arrays(agreed)
-        if error is None and not agreed[_ERR] and agreed[_STEP_MAX] == -agreed[_STEP_MIN]:
-            error = self._call_error(step_i, passed, call, agreed)
-        if agreed[_ERR] or agreed[_STEP_MAX] != -agreed[_STEP_MIN] or self._call_rejected(step_i, call, agreed):
-            if error is None and not agreed[_ERR] and agreed[_STEP_MAX] != -agreed[_STEP_MIN]:
-                error = SendError(f"ranks passed different steps ({-agreed[_STEP_MIN]} to {agreed[_STEP_MAX]})")
+        call = self._agreement.call()
+        steps_agree = agreed[STEP_MAX] == -agreed[STEP_MIN]
+        if error is None and not agreed[ERR] and steps_agree:
+            error = self._agreement.missing(passed, self._layouts_block, step_i)
+        if not agreed[ERR] and steps_agree and not self._agreement.blamed() and not call:  # the same on every rank
+            raise SendError(f"send({step_i}) carried no array; pass at least one of {list(self._names)}")
+        if agreed[ERR] or not steps_agree or self._agreement.blamed():
+            if error is None and not agreed[ERR] and agreed[STEP_MAX] != -agreed[STEP_MIN]:
+                error = SendError(f"ranks passed different steps ({-agreed[STEP_MIN]} to {agreed[STEP_MAX]})")
             report = None if error is None else (self.rank, type(error).__name__, str(error))
             raise_common(self._comm.allgather(report))  # at least one rank reported: always raises
-        first = step_i != self._last_step or self._step_fate is _Fate.NONE
+        first = step_i != self._last_step or self._step_fate is Fate.NONE
         if first:  # a new step: steering applies, back-pressure decides its fate
             self._last_step = step_i
             self._step_arrays = set(call)
-            self._apply_steering(int(-agreed[_VERSION]))
+            self._apply_steering(int(-agreed[VERSION]))
         else:
             self._step_arrays |= set(call)
-        if agreed[_FAILED]:
+        if agreed[FAILED]:
             if first:
                 self._dropped += 1
-                self._step_fate = _Fate.DROPPED
+                self._step_fate = Fate.DROPPED
             self._on_failure()
             return
         if self._failure_message:  # a consumer attached again (e.g. an analytics restarted after a crash)
             self._failure_message = ""
             self._failure_seen = ""
             self._analytics_ok = True
-        if not first and self._step_fate is not _Fate.SENT:
+        if not first and self._step_fate is not Fate.SENT:
             return  # the step was skipped or dropped at its first call: so are its later calls
-        completed = int(-agreed[_COMPLETED])
+        completed = int(-agreed[COMPLETED])
         while self._in_flight and self._in_flight[0] <= completed:
             self._in_flight.popleft()
         limit = self.config.in_flight
         if first and len(self._in_flight) >= limit and self.config.backpressure == Backpressure.SKIP:
             self._skipped += 1
-            self._step_fate = _Fate.SKIPPED
+            self._step_fate = Fate.SKIPPED
             return
-        if (first and len(self._in_flight) >= limit) or agreed[_NO_SLOT]:
+        if (first and len(self._in_flight) >= limit) or agreed[NO_SLOT]:
             if first:
-                self._step_fate = _Fate.DROPPED  # unless the wait succeeds (below)
+                self._step_fate = Fate.DROPPED  # unless the wait succeeds (below)
             if not self._block(step_i, first):
                 self._dropped += int(first)
                 return
@@ -516,35 +479,14 @@ class Bridge:
         if first:
             self._in_flight.append(step_i)
             self._sent += 1
-            self._step_fate = _Fate.SENT
+            self._step_fate = Fate.SENT
 
     def _owns(self, name: str) -> bool:
         spec = self._specs.get(name)
         return spec is not None and spec.owns_block
 
-    def _call_arrays(self, agreed: np.ndarray) -> tuple[str, ...]:
-        """The arrays of this call: those any rank passed (sorted)."""
-        return tuple(n for i, n in enumerate(self._names) if agreed[_FIXED + 2 * i])
-
-    def _call_error(self, step: int, passed: set[str], call: tuple[str, ...], agreed: np.ndarray) -> SendError | None:
-        """This rank's part of the call-level checks (after the reduction, so every rank knows the call)."""
-        missing = [n for i, n in enumerate(self._names) if agreed[_FIXED + 2 * i] and agreed[_FIXED + 2 * i + 1]
-                   and n not in passed and self._owns(n)]  # fmt: skip
-        if missing:
-            name = missing[0]
-            return SendError(
-                f"array {name!r} is missing (this rank owns block {self._layouts[name].block_of(self.rank)}; "
-                f"other ranks sent it at step {step}): every rank owning a block of an array passes it in the same call"
-            )
-        return None
-
-    def _call_rejected(self, step: int, call: tuple[str, ...], agreed: np.ndarray) -> bool:
-        """Whether the agreed call is invalid as a whole (decided identically on every rank)."""
-        if any(agreed[_FIXED + 2 * i] and agreed[_FIXED + 2 * i + 1] for i in range(len(self._names))):
-            return True  # a rank owning a block of a sent array did not pass it: that rank reports it
-        if not call:  # every rank takes this branch with the same message
-            raise SendError(f"send({step}) carried no array; pass at least one of {list(self._names)}")
-        return False
+    def _layouts_block(self, name: str) -> tuple[int, ...]:
+        return self._layouts[name].block_of(self.rank)
 
     def _block(self, step: int, first: bool = True) -> bool:
         """Wait (collectively) for a free in-flight slot (at a step's first call) and a free staging
@@ -555,17 +497,17 @@ class Bridge:
             self._drain(0.005)
             agreed = self._reduce(step, False, time.monotonic() > end, gentle=True)
             if first:
-                self._apply_steering(int(-agreed[_VERSION]))
-            if agreed[_FAILED]:
+                self._apply_steering(int(-agreed[VERSION]))
+            if agreed[FAILED]:
                 self._on_failure()
                 return False
-            completed = int(-agreed[_COMPLETED])
+            completed = int(-agreed[COMPLETED])
             while self._in_flight and self._in_flight[0] <= completed:
                 self._in_flight.popleft()
-            if (not first or len(self._in_flight) < limit) and not agreed[_NO_SLOT]:
+            if (not first or len(self._in_flight) < limit) and not agreed[NO_SLOT]:
                 return True
-            if agreed[_TIMED_OUT]:
-                state = AnalyticsState(int(-agreed[_STATE]))
+            if agreed[TIMED_OUT]:
+                state = AnalyticsState(int(-agreed[STATE]))
                 if first and len(self._in_flight) >= limit:
                     waiting = (
                         f"{len(self._in_flight)} steps in flight ({list(self._in_flight)}), the analytics "

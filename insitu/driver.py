@@ -39,10 +39,11 @@ from typing import Any
 
 from insitu.config import Config, FailurePolicy
 from insitu.errors import ContractError, InsituError
+from insitu.layout import ArraySpec, validate_layout
 from insitu.messages import AbortRun, DriverHello, DriverRefused, RegisterRun, RunRegistered, SimInfo
 from insitu.transport import RankChannel
 
-__all__ = ["connect_driver", "driver_address", "main", "serve"]
+__all__ = ["connect_driver", "driver_address", "main", "register_run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,46 @@ class _Driver:
                     self.failed = True
                     self._abort(msg.reason, msg.registered)
                     channel.send(DriverHello(os.getpid()))  # acknowledgement
+
+
+def register_run(
+    driver: RankChannel | None, config: Config, run: str, size: int, gathered: list[Any]
+) -> tuple[Any, ...]:
+    """Rank 0 of a bridge: validate every rank's declarations and register the run through ``driver``.
+
+    ``gathered`` holds each rank's (local error, array summaries, node setting, run name). Returns
+    ``("ok", layouts, rank_nodes, addresses)`` or ``("error", message)``, broadcast to every rank.
+    """
+    errors = [f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None]
+    if errors:
+        return ("error", "; ".join(errors))
+    names = {g[3] for g in gathered}
+    if len(names) > 1:
+        return ("error", f"ranks disagree on the run name: {sorted(names)}")
+    try:
+        per_rank = [{n: ArraySpec(n, s[1], s[2], start=s[3], shape=s[4]) for n, s in g[1].items()} for g in gathered]
+        layouts = validate_layout(per_rank)
+    except ContractError as exc:
+        return ("error", str(exc))
+    assert driver is not None  # rank 0 without a local error has connected to its run driver
+    # the driver waits up to the set-up deadline for raylets, then for the head: allow both
+    setup = max(config.deadline, config.startup_deadline)
+    settings = tuple(g[2] for g in gathered)
+    try:
+        driver.send(RegisterRun(config, size, tuple(layouts.values()), settings))
+        got = driver.wait_for(
+            lambda ms: any(isinstance(m, RunRegistered | DriverRefused) for m in ms),
+            time.monotonic() + 2 * setup + 30,
+        )
+    except OSError as exc:
+        return ("error", f"lost the run driver of run {run!r} during registration: {exc}")
+    for m in got:
+        if isinstance(m, DriverRefused):
+            return ("error", m.message)
+        if isinstance(m, RunRegistered):
+            return ("ok", layouts, list(m.rank_nodes), m.addresses)
+    what = "closed the connection" if driver.closed else f"did not answer within {2 * setup + 30:.0f} s"
+    return ("error", f"the run driver of run {run!r} {what} during registration")
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:

@@ -79,6 +79,14 @@ class SimulationFailedError(InsituError, RuntimeError):
     """A simulation rank died before closing its bridge; raised by ``Analytics.run``."""
 
 
+class NodeLostError(InsituError, RuntimeError):
+    """The insitu process of a node (its node actor) died: no later step can complete.
+
+    Raised by ``Analytics.run``; the message names the node (address and id), its ranks and the
+    last complete step.
+    """
+
+
 class CallbackError(InsituError, RuntimeError):
     """An analytics callback raised; the message names the step and the arrays."""
 

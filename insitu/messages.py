@@ -74,6 +74,7 @@ class EndReason(enum.StrEnum):
     CLOSED = "closed"
     SIMULATION_FAILED = "simulation-failed"
     ABORTED = "aborted"
+    NODE_LOST = "node-lost"
 
 
 @dataclass(frozen=True, slots=True)

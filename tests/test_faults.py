@@ -1,12 +1,15 @@
-"""Faults in a run (issue 17): the whole Ray cluster goes away under a running simulation."""
+"""Faults in a run (issue 17): the whole Ray cluster goes away, or one node process dies, under a running simulation."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 from insitu.cluster.local import LocalCluster
 from tests.conftest import ROOT, finish_sim, run_name, start_sim
@@ -53,3 +56,59 @@ def test_the_simulation_finishes_without_hanging_when_the_cluster_goes_away() ->
         assert sent == list(range(len(sent))) and len(sent) >= 5
         assert dropped == list(range(len(sent), 300))  # every later step dropped, none lost silently
         assert [e["event"] for e in events][-1] == "done"
+
+
+def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluster: Any) -> None:
+    """SIGKILL to the node actor of the second node mid-run: the analytics ends with NodeLostError naming
+    the node's address, id and ranks and the last complete step, not a generic timeout; the simulation
+    warns once, naming the node, drops the later steps and finishes."""
+    import ray
+
+    from insitu.actors.head import head_name
+    from insitu.errors import NodeLostError
+    from tests.test_failures import make_analytics
+
+    run = run_name("nodelost")
+    analytics = make_analytics(run)
+    seen: list[int] = []
+    analytics.on_step("u")(lambda step, u: seen.append(step))
+    failure: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            analytics.run()
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            failure.append(exc)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    sim = start_sim(cluster, 4, {"run": run, "steps": 400, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
+    end = time.monotonic() + 120
+    while _sent(sim) < 5 and time.monotonic() < end:
+        time.sleep(0.2)
+    assert _sent(sim) >= 5, "the simulation did not start sending"
+    head = ray.get_actor(head_name(run), namespace="insitu")
+    pids = ray.get(head.node_processes.remote(), timeout=30)
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    lost = next(n for n in pids if ip_of[n] == cluster.node_ips[1])  # ranks 2 and 3 live there
+    os.kill(pids[lost], signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(60)
+    result = finish_sim(sim, timeout=120)
+    assert not thread.is_alive()
+    assert time.monotonic() - killed_at < 60
+    (exc,) = failure
+    assert isinstance(exc, NodeLostError), repr(exc)
+    message = str(exc)
+    assert f"node {cluster.node_ips[1]} (id {lost[:12]}, ranks [2, 3])" in message, message
+    assert f"after step {seen[-1]}, the last complete step" in message, (message, seen[-3:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warnings) == 1 and lost[:12] in warnings[0], result.stderr[-3000:]
+    for rank in range(4):
+        events = [e for e in result.events if e["rank"] == rank]
+        sent = [e["step"] for e in events if e["event"] == "sent"]
+        dropped = [e["step"] for e in events if e["event"] == "dropped"]
+        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 400))
+        done = next(e for e in events if e["event"] == "done")
+        assert (done["sent"], done["dropped"], done["ok"]) == (len(sent), len(dropped), False)

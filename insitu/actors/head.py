@@ -88,6 +88,8 @@ class HeadActor:
         self._watchdog: asyncio.Task[None] | None = None
         self._torn_down = False
         self._dead_ranks: dict[int, str] = {}
+        self._node_ips: dict[str, str] = {}
+        self._watchers: list[asyncio.Task[None]] = []
 
     # -- helpers -----------------------------------------------------------------
     def _wake(self) -> None:
@@ -192,7 +194,39 @@ class HeadActor:
                 f"on nodes {[n[:12] for n in self._nodes]}"
             ) from None
         self._wake()
+        if nodes is None:  # real node actors: learn their death at once (impersonated ones have no park)
+            self._node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+            loop = asyncio.get_running_loop()
+            for node in ordered:
+                self._watchers.append(loop.create_task(self._watch_node(node, self._nodes[node])))
         return dict(zip(ordered, addresses[: len(ordered)], strict=True))
+
+    async def _watch_node(self, node: str, actor: Any) -> None:
+        try:
+            await actor.park.remote()
+        except Exception:  # any failure of the park call means the node's process is gone
+            pass
+        if self._end is None and not self._torn_down:
+            self._node_lost(node)
+
+    def _node_lost(self, node: str) -> None:
+        """A node actor died mid-run: no later step can complete. Tell the consumers (a specific end of
+        the stream) and the ranks (the status' failure), naming the node and the last complete step."""
+        assert self._sim is not None
+        ranks = [r for r, n in enumerate(self._sim.rank_nodes) if n == node]
+        last = self._book.last_step
+        after = "before any step completed" if last == _NO_STEP else f"after step {last}, the last complete step"
+        message = (f"the insitu node process of node {self._node_ips.get(node, '?')} (id {node[:12]}, ranks "
+                   f"{ranks}) of run {self._run!r} died {after}; later steps cannot complete and are lost")  # fmt: skip
+        log.warning("%s", message)
+        self._book.last_failure = message
+        self._finish(RunEnd(EndReason.NODE_LOST, message, -1 if last == _NO_STEP else last))
+        self._push()
+
+    async def node_processes(self) -> dict[str, int]:
+        """Process id of each node actor (for fault tests)."""
+        pids = await asyncio.gather(*(a.stats.remote() for a in self._nodes.values()))
+        return {node: int(s["pid"]) for node, s in zip(self._nodes, pids, strict=True)}
 
     async def node_step(self, msg: NodeStep) -> None:
         """A node reporting directly delivered one step (once per node per step)."""

@@ -105,8 +105,13 @@ class NodeActor:
             self._history[u.key] = u
 
     async def stats(self) -> dict[str, int]:
-        """Messages sent to the head, steps still waiting for local ranks, steering keys remembered."""
-        return {"messages": self._messages, "pending": len(self._pending), "history": len(self._history)}
+        """Messages sent to the head, steps still waiting for local ranks, steering keys remembered, pid."""
+        return {"messages": self._messages, "pending": len(self._pending), "history": len(self._history),
+                "pid": os.getpid()}  # fmt: skip
+
+    async def park(self) -> None:
+        """Never returns: the head awaits it to learn at once that this process died."""
+        await asyncio.Event().wait()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state: _RankState | None = None
