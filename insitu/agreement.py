@@ -1,7 +1,7 @@
 """The vector of a send's one allreduce, and what every rank decides from it (no MPI here).
 
 Every ``Bridge.send`` reduces one int64 vector with ``MAX`` (values wanted as a minimum are
-negated): nine fixed slots, then two per declared array (sorted by name): "some rank passed
+negated): eleven fixed slots, then two per declared array (sorted by name): "some rank passed
 it in this call" and "some rank owning a block of it did not". From the agreed vector every
 rank knows the call's arrays, and a rank owning a block it did not pass knows it is to blame.
 
@@ -25,11 +25,11 @@ import numpy as np
 
 from insitu.errors import SendError
 
-__all__ = ["COMPLETED", "ERR", "FAILED", "NO_SLOT", "STATE", "STEP_MAX", "STEP_MIN", "TIMED_OUT", "VERSION",
-           "Agreement", "Fate"]  # fmt: skip
+__all__ = ["BROKEN", "COMPLETED", "ERR", "FAILED", "NO_SLOT", "STATE", "STATE_MAX", "STEP_MAX", "STEP_MIN",
+           "TIMED_OUT", "VERSION", "Agreement", "Fate"]  # fmt: skip
 
-ERR, STEP_MAX, STEP_MIN, COMPLETED, VERSION, FAILED, NO_SLOT, TIMED_OUT, STATE = range(9)
-FIXED = 9
+ERR, STEP_MAX, STEP_MIN, COMPLETED, VERSION, FAILED, NO_SLOT, TIMED_OUT, STATE, BROKEN, STATE_MAX = range(11)
+FIXED = 11
 
 
 class Fate(enum.Enum):

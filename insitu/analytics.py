@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -11,6 +12,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -45,6 +47,12 @@ class RunSummary:
     reason: EndReason
     handled: dict[str, int] = field(default_factory=dict)
     """Exceptions each callback's ``on_error`` handled (by callback name)."""
+    incarnation: int = 0
+    """This analytics' consumer number in the run (attach order, from 1; higher after a restart)."""
+    resumed_after: int | None = None
+    """Attached after a consumer failed (e.g. restarted by ``insitu analytics --supervise``): the last
+    step the failed one finished. The steps between it and this analytics' first are the gap; the
+    simulation counts them (``bridge.stats.dropped``)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class Analytics:
         self._head: Any = None
         self._link: Any = None
         self._consumer = 0
+        self._resumed_after: int | None = None
         self._seq = 0  # messages of this consumer incarnation to the head (set/done/fail/detach), in order
         self._history: tuple[StepData, ...] = ()
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
@@ -292,10 +301,16 @@ class Analytics:
             self._unroute = register(Route(self._owns_chunk, self._schedule, self.run_name))
             self._head = get_or_create_head(self.run_name, self.config)
             self._link = _link_class().remote()
+            cfg = self.config
             attached: Attached = ray.get(
-                self._head.attach.remote(self._link, self.windows(), "analytics"), timeout=self.config.deadline
+                self._head.attach.remote(self._link, self.windows(), "analytics", cfg.restarts_left, cfg.restart_grace),
+                timeout=cfg.deadline,
             )
             self._consumer = attached.consumer
+            self._resumed_after = attached.resumed_after
+            if attached.resumed_after is not None:
+                log.warning("run %s: attached as consumer %d after a failed one, which finished step %d",
+                            self.run_name, attached.consumer, attached.resumed_after)  # fmt: skip
             self._seq = 0
             self.info = self._wait_info()
             self._check_arrays(self.info)
@@ -304,6 +319,23 @@ class Analytics:
             return self._loop()
         finally:
             self._leave()
+
+    @property
+    def incarnation(self) -> int:
+        """This analytics' consumer number in the run (0 before :meth:`run` attached it)."""
+        return self._consumer
+
+    def _beat(self) -> None:
+        """Touch the supervisor's heartbeat file (``insitu analytics --supervise``), if any."""
+        if self.config.heartbeat_file:
+            with contextlib.suppress(OSError):
+                os.utime(self.config.heartbeat_file)
+
+    def _run_over(self, reason: str) -> None:
+        """Tell a supervisor the run itself ended (a restart could not help): ``<heartbeat file>.over``."""
+        if self.config.heartbeat_file:
+            with contextlib.suppress(OSError):
+                Path(self.config.heartbeat_file + ".over").write_text(reason)
 
     def _next_seq(self) -> int | None:
         """The next sequence number of this consumer's messages (``None`` before it attached)."""
@@ -315,10 +347,16 @@ class Analytics:
     def _wait_info(self) -> RunInfo:
         import ray
 
-        got = ray.get(self._head.run_info.remote(self.config.deadline), timeout=self.config.deadline + 30)
+        end = time.monotonic() + self.config.deadline
+        while True:  # short polls: the supervisor's heartbeat goes on while the simulation starts
+            self._beat()
+            got = ray.get(self._head.run_info.remote(_POLL), timeout=_POLL + self.config.deadline)
+            if not isinstance(got, Waiting) or time.monotonic() >= end:
+                break
         if isinstance(got, Waiting):
             raise StepTimeoutError(f"waited {self.config.deadline:.0f} s: {got.description}")
         if isinstance(got, RunEnd):
+            self._run_over(got.message or got.reason.value)
             if got.reason == EndReason.NODE_LOST:
                 raise NodeLostError(got.message)
             raise SimulationFailedError(f"run {self.run_name!r}: {got.message or got.reason.value}")
@@ -340,6 +378,7 @@ class Analytics:
         last: int | None = None
         progress = time.monotonic()
         while True:
+            self._beat()
             done, self._done = self._done, None  # the completion travels with the next poll
             batch = ray.get(
                 self._head.next_steps.remote(self._consumer, _POLL, done, None if done is None else self._next_seq()),
@@ -353,7 +392,8 @@ class Analytics:
             for item in batch:
                 if isinstance(item, RunEnd):
                     if item.reason == EndReason.CLOSED:
-                        summary = RunSummary(steps, last, item.reason, dict(self._handled))
+                        summary = RunSummary(steps, last, item.reason, dict(self._handled), self._consumer,
+                                             self._resumed_after)  # fmt: skip
                         for fn in self._on_close:
                             try:
                                 fn(summary)
@@ -363,6 +403,7 @@ class Analytics:
                                     f"{type(exc).__name__}: {exc}", step=-1 if last is None else last, arrays=(),
                                 ) from exc  # fmt: skip
                         return summary
+                    self._run_over(item.message)
                     if item.reason == EndReason.NODE_LOST:
                         raise NodeLostError(item.message)
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
@@ -411,6 +452,7 @@ class Analytics:
             if not cb.partial and any(len(cb.history[n]) < cb.window for n in present):
                 continue
             kwargs = {n: [a for _, a in cb.history[n]] if n in present else [] for n in cb.arrays}
+            self._beat()
             self._in_callback = True
             try:
                 self._call_handled(cb, data.step, kwargs)

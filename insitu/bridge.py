@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from insitu.agreement import (
+    BROKEN,
     COMPLETED,
     ERR,
     FAILED,
     NO_SLOT,
     STATE,
+    STATE_MAX,
     STEP_MAX,
     STEP_MIN,
     TIMED_OUT,
@@ -325,10 +327,12 @@ class Bridge:
         v[STEP_MIN] = -step
         v[COMPLETED] = -self._completed_seen
         v[VERSION] = -self._seen_version
-        v[FAILED] = int(bool(self._broken) or self._state_seen >= AnalyticsState.DETACHED)
+        v[FAILED] = int(bool(self._broken) or self._state_seen >= AnalyticsState.RESTARTING)
         v[NO_SLOT] = int(not self._free)
         v[TIMED_OUT] = int(timed_out)
         v[STATE] = -int(self._state_seen)
+        v[BROKEN] = int(bool(self._broken))
+        v[STATE_MAX] = int(self._state_seen)
         self._agreement.fill(passed)
         if not gentle:
             self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
@@ -441,7 +445,7 @@ class Bridge:
             if first:
                 self._dropped += 1
                 self._step_fate = Fate.DROPPED
-            self._on_failure()
+            self._on_failure(bool(agreed[BROKEN]) or agreed[STATE_MAX] >= AnalyticsState.DETACHED)
             return
         if self._failure_message:  # a consumer attached again (e.g. an analytics restarted after a crash)
             self._failure_message = ""
@@ -499,7 +503,7 @@ class Bridge:
             if first:
                 self._apply_steering(int(-agreed[VERSION]))
             if agreed[FAILED]:
-                self._on_failure()
+                self._on_failure(bool(agreed[BROKEN]) or agreed[STATE_MAX] >= AnalyticsState.DETACHED)
                 return False
             completed = int(-agreed[COMPLETED])
             while self._in_flight and self._in_flight[0] <= completed:
@@ -520,20 +524,22 @@ class Bridge:
                     f"run {self.run!r}: step {step} waited {self.config.deadline:.0f} s for back-pressure: {waiting}"
                 )
 
-    def _on_failure(self) -> None:
+    def _on_failure(self, final: bool = True) -> None:
+        """The agreed step is dropped: warn once (rank 0); under policy ``raise`` raise, unless the
+        failure is not ``final`` (a supervised analytics is being restarted)."""
         if not self._failure_message:
             reason = self._broken or self._failure_seen
             reports = self._comm.allgather(reason)
             self._failure_message = next((r for r in reports if r), "the analytics stopped")
             self._analytics_ok = False
-            if self.config.on_analytics_failure == FailurePolicy.CONTINUE and self.rank == 0:
+            if (self.config.on_analytics_failure == FailurePolicy.CONTINUE or not final) and self.rank == 0:
                 warnings.warn(
                     f"insitu run {self.run!r}: analytics unavailable ({self._failure_message}); "
                     "further steps are dropped",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        if self.config.on_analytics_failure == FailurePolicy.RAISE:
+        if self.config.on_analytics_failure == FailurePolicy.RAISE and final:
             raise AnalyticsFailedError(f"run {self.run!r}: {self._failure_message}")
 
     # -- steering and state ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, record, replay,
+"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, record, replay, analytics,
 build-shim, debug-info.
 
 A user error (an :mod:`insitu.errors` exception, a missing file, a bad option, a cluster that
@@ -133,7 +133,8 @@ def _launch(args: argparse.Namespace) -> int:
                    analytics=args.analytics, placement=args.placement, ray_cpus=args.ray_cpus,
                    cpus_per_task=args.cpus_per_task, time=args.time,
                    step_bytes=args.step_bytes, window=args.window, in_flight=args.in_flight, mpi=args.mpi,
-                   job_name=args.job_name)  # fmt: skip
+                   job_name=args.job_name, supervise=not args.no_supervise,
+                   analytics_restarts=args.analytics_restarts)  # fmt: skip
     if args.dry_run:
         print(render_job(spec), end="")
         return 0
@@ -248,6 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--ray-cpus", type=int, default=1, help="cores per node reserved for Ray and the analytics")
     la.add_argument("--cpus-per-task", type=int, default=1,
                     help="CPUs of each rank (hybrid MPI+OpenMP: OMP_NUM_THREADS defaults to it)")  # fmt: skip
+    la.add_argument("--no-supervise", action="store_true",
+                    help="run the analytics as is (default: insitu analytics --supervise restarts it)")  # fmt: skip
+    la.add_argument("--analytics-restarts", type=int, default=3, help="restarts of a supervised analytics")
     la.add_argument("--time", default="00:30:00")
     la.add_argument("--step-bytes", type=int, default=64 << 20, help="bytes one node sends per step")
     la.add_argument("--window", type=int, default=2)
@@ -278,6 +282,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--steps", default=None, help="A:B, the step numbers to replay (half-open, ends optional)")
     rp.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
     rp.set_defaults(fn=_replay)
+    an = command("analytics", "run an analytics script; with --supervise, restart it when it dies or hangs")
+    an.add_argument("--supervise", action="store_true", help="restart the analytics when it fails (see --help)")
+    an.add_argument("--max-restarts", type=int, default=3, help="restarts after the first start (default 3)")
+    an.add_argument("--heartbeat-deadline", type=float, default=300.0,
+                    help="seconds without a heartbeat (a poll or a callback starting) before it counts as hung")
+    an.add_argument("argv", nargs=argparse.REMAINDER, help="the script (a .py runs with this Python) and its options")
+    an.set_defaults(fn=_analytics)
     b = command("build-shim", "build libinsitu.so, the C/Fortran shim, for this Python")
     b.add_argument("--prefix", default=None, help="build directory (default INSITU_SHIM_DIR, else "
                    "$XDG_CACHE_HOME/insitu/shim/<version-python-mpi>, ~/.cache when XDG_CACHE_HOME is unset)")
@@ -287,6 +298,15 @@ def _parser() -> argparse.ArgumentParser:
     i = command("debug-info", "versions of everything, for bug reports")
     i.set_defaults(fn=lambda _: (__import__("insitu").print_debug_info(), 0)[1])
     return p
+
+
+def _analytics(args: argparse.Namespace) -> int:
+    from insitu.supervise import command_of, supervise
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if args.supervise:
+        return supervise(argv, args.max_restarts, args.heartbeat_deadline)
+    return subprocess.call(command_of(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

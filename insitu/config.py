@@ -127,6 +127,16 @@ class Config:
         Seconds cancelled work may take to stop before its slice is replaced.
     pool_drain_deadline
         Seconds a graceful drain waits for running work before cancelling it.
+    heartbeat_file
+        Set by ``insitu analytics --supervise`` for its child (``INSITU_HEARTBEAT_FILE``): the
+        analytics touches it at every poll and before every callback.
+    restarts_left
+        Set by the supervisor (``INSITU_RESTARTS_LEFT``): restarts left after this analytics
+        (-1: not supervised). While a supervised analytics with restarts left is down, the
+        ranks drop steps under either failure policy; ``raise`` applies once none are left.
+    restart_grace
+        Set by the supervisor (``INSITU_RESTART_GRACE``): seconds the head waits for the restarted
+        analytics before treating the failure as final.
     """
 
     address: str | None = None
@@ -151,6 +161,9 @@ class Config:
     pool_health_deadline: float = 30.0
     pool_cancel_deadline: float = 30.0
     pool_drain_deadline: float = 60.0
+    heartbeat_file: str = ""
+    restarts_left: int = -1
+    restart_grace: float = 120.0
 
     def __post_init__(self) -> None:
         for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)):
@@ -222,7 +235,14 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ConfigError(f"{name} ({env}) must be >= 1; got {number}")
         return number
-    if name in ("deadline", "startup_deadline", "reclaim_deadline", "compute_cpus") or name.startswith("pool_"):
+    if name == "restarts_left":
+        try:
+            return max(-1, int(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} ({env}) must be an integer; got {value!r}") from None
+    if name in ("deadline", "startup_deadline", "reclaim_deadline", "restart_grace", "compute_cpus") or name.startswith(
+        "pool_"
+    ):
         try:
             real = float(value)
         except (TypeError, ValueError):

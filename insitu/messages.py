@@ -64,8 +64,10 @@ class AnalyticsState(enum.IntEnum):
 
     PENDING = 0
     ATTACHED = 1
-    DETACHED = 2
-    FAILED = 3
+    RESTARTING = 2
+    """A supervised analytics failed and is being restarted: steps are dropped, never raised on."""
+    DETACHED = 3
+    FAILED = 4
 
 
 class EndReason(enum.StrEnum):
@@ -189,6 +191,9 @@ class Attached:
 
     consumer: int
     history: tuple[StepData, ...] = ()
+    resumed_after: int | None = None
+    """For a consumer attaching after another failed: the last step its predecessor finished
+    (the steps after it, up to this consumer's first, are the gap)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,6 +224,8 @@ class JobSpec:
     in_flight: int = 2
     mpi: str = "pmi2"
     job_name: str = "insitu"
+    supervise: bool = True  # the analytics runs under ``insitu analytics --supervise``
+    analytics_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.placement not in ("colocated", "dedicated"):
@@ -257,6 +259,8 @@ def render_job(spec: JobSpec) -> str:
         f"export INSITU_SIM_CMD={shlex.quote(spec.simulation)}",
         f"export INSITU_ANALYTICS_CMD={shlex.quote(spec.analytics)}",
         f"export INSITU_PLACEMENT={spec.placement}",
+        f"export INSITU_SUPERVISE={int(spec.supervise)}",
+        f"export INSITU_ANALYTICS_RESTARTS={spec.analytics_restarts}",
         f"export INSITU_SIM_NODES={sim_nodes}",
         f"export INSITU_RANKS_PER_NODE={spec.ranks_per_node}",
         f"export INSITU_RAY_CPUS={spec.ray_cpus}",

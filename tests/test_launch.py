@@ -113,7 +113,8 @@ def test_dedicated_analytics_that_fails_ends_the_job_non_zero(slurm: dict[str, s
     """--placement dedicated: the analytics alone on the last node, the simulation on the others; its
     failure (a callback raising at step 3) is the job's exit code, the simulation still finishes."""
     ana = f'{PY} {ROOT}/tests/sims/ana.py {{"fail_at":3,"array":"temperature"}}'
-    job, job_dir = submit(slurm, tmp_path, _heat(tmp_path / "dump", 20), ana, launch=("--placement", "dedicated"))
+    job, job_dir = submit(slurm, tmp_path, _heat(tmp_path / "dump", 20), ana,
+                          launch=("--placement", "dedicated", "--analytics-restarts", "0"))  # fmt: skip
     code = wait_job(slurm, job, log=tmp_path / "job.out")
     log = (tmp_path / "job.out").read_text()
     ana_log = (job_dir / "analytics.log").read_text()

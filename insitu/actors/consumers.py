@@ -68,6 +68,10 @@ class Consumer:
     failure: str = ""
     polling: bool = False
     steps_done: int = 0
+    restarts: int = -1
+    """Restarts its supervisor has left after it (-1: not supervised)."""
+    grace: float = 0.0
+    """Seconds to wait for its restart before its failure counts as final."""
 
     def share(self, data: StepData) -> StepData:
         """``data`` restricted to the arrays this consumer reads (it holds no other chunk)."""
@@ -87,16 +91,26 @@ class ConsumerBook:
         self._retained: dict[str, deque[tuple[int, tuple[tuple[str, str, Any], ...]]]] = {}
         self._left = AnalyticsState.PENDING
         self._failed_since_attach = False
+        self.restart_until: float | None = None
+        """While a supervised consumer is being restarted: when its failure becomes final."""
+        self.lost_after: int | None = None
+        """The last step a consumer that failed had finished (the start of a gap)."""
 
     # -- membership ----------------------------------------------------------------------
     def attached(self) -> list[Consumer]:
         """Consumers currently attached."""
         return [c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED]
 
-    def attach(self, kind: str, windows: dict[str, int], now: float) -> Consumer:
-        """A new consumer: the first gets every step so far, a later one starts at the next step."""
+    def attach(self, kind: str, windows: dict[str, int], now: float, restarts: int = -1,
+               grace: float = 0.0) -> Consumer:  # fmt: skip
+        """A new consumer: the first gets every step so far, a later one starts at the next step.
+
+        ``restarts``/``grace``: a supervised consumer (restarts its supervisor has left after it,
+        seconds to wait for the restart); see :meth:`leave`.
+        """
         first = not self.consumers
-        c = Consumer(len(self.consumers) + 1, kind, dict(windows), now)
+        c = Consumer(len(self.consumers) + 1, kind, dict(windows), now, restarts=restarts, grace=grace)
+        self.restart_until = None
         if first:
             c.ready.extend(c.share(d) for d in self._backlog)
             self._backlog.clear()
@@ -117,8 +131,13 @@ class ConsumerBook:
                 by_step.setdefault(step, []).extend(chunks)
         return [StepData(s, tuple(by_step[s])) for s in sorted(by_step)]
 
-    def leave(self, cid: int, state: ConsumerState, failure: str = "") -> Consumer | None:
-        """``cid`` detached or failed: its queue is dropped, it no longer holds anything back."""
+    def leave(self, cid: int, state: ConsumerState, failure: str = "", now: float = 0.0) -> Consumer | None:
+        """``cid`` detached or failed: its queue is dropped, it no longer holds anything back.
+
+        A supervised consumer that fails with restarts left leaves the run ``RESTARTING`` (the
+        ranks drop steps, and policy ``raise`` does not apply) until a consumer attaches or
+        ``grace`` seconds pass (:meth:`escalate`).
+        """
         c = self.consumers.get(cid)
         if c is None or c.state != ConsumerState.ATTACHED:
             return None
@@ -128,12 +147,26 @@ class ConsumerBook:
         if state == ConsumerState.FAILED:
             self.failures += 1
             self.last_failure = failure
-            self._failed_since_attach = True
-            self._left = AnalyticsState.FAILED
-        elif self._left != AnalyticsState.FAILED or self.attached():
+            self.lost_after = c.completed
+            if c.restarts > 0:
+                self.restart_until = now + c.grace
+                self._left = AnalyticsState.RESTARTING
+            else:
+                self._failed_since_attach = True
+                self._left = AnalyticsState.FAILED
+        elif self.restart_until is None and (self._left != AnalyticsState.FAILED or self.attached()):
             self._left = AnalyticsState.DETACHED
         self._prune()
         return c
+
+    def escalate(self, now: float) -> bool:
+        """A restart that did not come within its grace: the failure is final. Whether it changed."""
+        if self.restart_until is None or now < self.restart_until or self.attached():
+            return False
+        self.restart_until = None
+        self._failed_since_attach = True
+        self._left = AnalyticsState.FAILED
+        return True
 
     # -- steps ---------------------------------------------------------------------------
     def deliver(self, data: StepData) -> None:

@@ -302,20 +302,23 @@ class HeadActor:
             asyncio.get_running_loop().call_later(1.0, self._teardown)  # a waiting analytics reads the end first
 
     # -- consumers (analytics, recorders, readers) ----------------------------------------
-    async def attach(self, link: Any, windows: dict[str, int], kind: str = "analytics") -> Attached:
+    async def attach(self, link: Any, windows: dict[str, int], kind: str = "analytics", restarts: int = -1,
+                     grace: float = 0.0) -> Attached:  # fmt: skip
         """Attach a consumer reading ``windows`` (array -> largest window); ``link`` is an
         actor owned by the consumer's process, whose death tells the head it died.
 
         The run's first consumer gets every step so far; a later one starts at the next
         complete step, its windows refilled from the retained steps (``Attached.history``).
+        ``restarts``/``grace``: a supervised consumer (``insitu analytics --supervise``).
         """
         self._ensure_watchdog()
         if self._end is not None and self._end.reason != EndReason.CLOSED:
             raise ContractError(f"run {self._run!r} already ended: {self._end.message or self._end.reason.value}")
-        c = self._book.attach(kind, windows, time.monotonic())
+        resumed_after = self._book.lost_after if self._book.failures else None
+        c = self._book.attach(kind, windows, time.monotonic(), restarts, grace)
         self._push()
         asyncio.get_running_loop().create_task(self._watch_link(c.id, link))
-        return Attached(c.id, tuple(self._book.history(c)))
+        return Attached(c.id, tuple(self._book.history(c)), resumed_after)
 
     async def _watch_link(self, cid: int, link: Any) -> None:
         try:
@@ -325,7 +328,7 @@ class HeadActor:
         self._leave(cid, ConsumerState.FAILED, f"the {self._book.consumers[cid].kind} process (consumer {cid}) died")
 
     def _leave(self, cid: int, state: ConsumerState, message: str = "") -> None:
-        if self._book.leave(cid, state, message) is None:
+        if self._book.leave(cid, state, message, time.monotonic()) is None:
             return
         if not self._book.attached():
             self._partial.clear()
@@ -487,6 +490,8 @@ class HeadActor:
     async def _watch(self) -> None:
         while not self._torn_down:
             await asyncio.sleep(0.25)
+            if self._book.escalate(time.monotonic()):  # a supervised analytics did not come back in time
+                self._push()
             reason = self._reclaim_reason(time.monotonic())
             if reason:
                 log.info("reclaiming run %s: %s", self._run, reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -17,6 +18,7 @@ def main() -> int:
 
     name = opt.get("array", "u")
     handled: list[int] = []
+    processed: list[int] = []  # steps this process handled
 
     def on_error(s: int, exc: BaseException) -> None:
         handled.append(s)
@@ -29,7 +31,14 @@ def main() -> int:
     def step(s: int, **arrays: list) -> None:
         u = arrays[name]
         mean = float(u[-1].mean().compute())
-        print(json.dumps({"step": s, "mean": mean, "window": [a.step for a in u]}), flush=True)
+        inc = analytics.incarnation
+        print(json.dumps({"step": s, "mean": mean, "window": [a.step for a in u], "incarnation": inc}), flush=True)
+        processed.append(s)
+        mine = len(processed)
+        if opt.get("crash", {}).get(str(inc)) == mine:  # supervised runs: this incarnation dies at its k-th step
+            os.kill(os.getpid(), signal.SIGKILL)
+        if opt.get("hang", {}).get(str(inc)) == mine:  # ... or hangs there (no heartbeat any more)
+            time.sleep(3600)
         time.sleep(opt.get("sleep", 0))
         if opt.get("fail_at") is not None and s >= opt["fail_at"]:
             raise RuntimeError(f"planned failure at step {s}")
@@ -37,7 +46,8 @@ def main() -> int:
             time.sleep(3600)
 
     summary = analytics.run()
-    print(json.dumps({"done": summary.steps, "handled": summary.handled}), flush=True)
+    print(json.dumps({"done": summary.steps, "handled": summary.handled, "incarnation": summary.incarnation,
+                      "resumed_after": summary.resumed_after}), flush=True)  # fmt: skip
     return 0
 
 

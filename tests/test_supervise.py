@@ -1,0 +1,92 @@
+"""Supervised analytics (issue 16 item 3): ``insitu analytics --supervise`` restarts an analytics that
+is killed or hangs; the restarted one attaches as a higher incarnation and resumes; the simulation
+drops the steps of the gap (``bridge.stats``) and sends again, and policy ``raise`` applies only once
+restarts are exhausted. Real mpiexec, real Ray cluster, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, finish_sim, run_name, start_sim
+from tests.test_consumers import wait_consumers
+from tests.test_failures import same_everywhere
+
+pytestmark = pytest.mark.cluster
+
+
+def _supervisor(cluster: Any, run: str, restarts: int, options: dict[str, Any]) -> subprocess.Popen[str]:
+    env = {**os.environ, **cluster.environment(), "INSITU_DEADLINE": "60"}
+    ana = [str(ROOT / "tests/sims/ana.py"), json.dumps({"run": run, **options})]
+    cmd = [sys.executable, "-m", "insitu", "analytics", "--supervise", "--max-restarts", str(restarts),
+           "--heartbeat-deadline", "6", *ana]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _events(result: Any, rank: int) -> list[tuple[str, int, bool]]:
+    return [(e["event"], e["step"], e["ok"]) for e in result.events
+            if e["rank"] == rank and e["event"] in ("sent", "dropped")]  # fmt: skip
+
+
+def test_a_killed_then_hung_analytics_is_restarted_and_resumes(cluster: Any) -> None:
+    run = run_name("supervise")
+    sup = _supervisor(cluster, run, 2, {"crash": {"1": 3}, "hang": {"2": 3}})
+    try:
+        wait_consumers(run, 1)
+        sim = start_sim(cluster, 4, {"run": run, "steps": 240, "sleep": 0.1, "config": {"deadline": 30}})
+        result = finish_sim(sim, timeout=240)
+        out, err = sup.communicate(timeout=120)
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, 9)
+            sup.wait()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sup.returncode == 0, err[-3000:]
+    assert "the analytics was killed by SIGKILL; restart 1 of 2" in err, err[-3000:]
+    assert "gave no heartbeat" in err and "restart 2 of 2" in err, err[-3000:]
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    steps = [(e["incarnation"], e["step"]) for e in lines if "step" in e]
+    by_inc = {i: [s for j, s in steps if j == i] for i in (1, 2, 3)}
+    assert len(by_inc[1]) == 3 and len(by_inc[2]) == 3 and by_inc[3], steps  # killed, hung, then to the end
+    assert max(by_inc[1]) < min(by_inc[2]) and max(by_inc[2]) < min(by_inc[3])  # each resumes later
+    (done,) = [e for e in lines if "done" in e]
+    assert done["incarnation"] == 3 and done["resumed_after"] == by_inc[2][1], (done, by_inc)
+    # the simulation: the steps of each gap dropped (counted, analytics_ok false), then sent again
+    views = same_everywhere({r: _events(result, r) for r in range(4)}, 4)
+    kinds = [k for k, _, _ in views]
+    gaps = sum(1 for a, b in zip(kinds, kinds[1:], strict=False) if a == "sent" and b == "dropped")
+    assert gaps == 2, kinds
+    assert all(ok == (k == "sent") for k, _, ok in views[len(by_inc[1]) + 3 :]), views  # ok false exactly in gaps
+    assert views[-1][0] == "sent" and set(by_inc[3]) <= {s for k, s, _ in views if k == "sent"}
+    totals = same_everywhere({r: (e["sent"], e["dropped"], e["ok"]) for r, e in result.one("done").items()}, 4)
+    assert totals == (kinds.count("sent"), kinds.count("dropped"), True)
+
+
+def test_policy_raise_applies_only_once_restarts_are_exhausted(cluster: Any) -> None:
+    run = run_name("superaise")
+    sup = _supervisor(cluster, run, 1, {"crash": {"1": 2, "2": 2}})
+    try:
+        wait_consumers(run, 1)
+        opts = {"run": run, "steps": 400, "sleep": 0.1, "catch": False,
+                "config": {"deadline": 30, "on_analytics_failure": "raise"}}  # fmt: skip
+        result = finish_sim(start_sim(cluster, 4, opts), timeout=240)
+        _, err = sup.communicate(timeout=120)
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, 9)
+            sup.wait()
+    assert sup.returncode == 128 + 9, err[-3000:]  # the last incarnation's SIGKILL
+    assert "no restart left (1 used)" in err, err[-3000:]
+    errors = same_everywhere({r: (e["step"], e["error"].split(":")[0]) for r, e in result.one("send-error").items()}, 4)
+    views = same_everywhere({r: _events(result, r) for r in range(4)}, 4)
+    kinds = [k for k, _, _ in views]
+    # the first failure (a restart left): steps dropped, no raise; then sent again; then the final one raises
+    first_drop = kinds.index("dropped")
+    assert "sent" in kinds[first_drop:], kinds
+    assert errors[1] == "AnalyticsFailedError" and errors[0] > views[-1][1], (errors, views[-3:])
