@@ -11,8 +11,9 @@ so nothing overlaps and the CPU per step of each process is that step's cost.
 Measured per K: the head's CPU per step (utime + stime of its worker process), the
 latency from the fleet's first ``node_step`` to the consumer's receipt, the fleet's and
 the consumer's CPU per step (the nodes' and the analytics' share of the control path),
-and the calls per step into and out of the head. The head's CPU at 10,000 nodes is
-projected linearly from the two largest K.
+and the calls per step into and out of the head, and the head's CPU per ``status()`` call
+(``insitu status``; target ≤ 1 ms). The head's CPU at 10,000 nodes is projected linearly
+from the two largest K.
 
 Usage::
 
@@ -149,6 +150,13 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
     c1, calls1 = cpu(), updates()
     sent_at = ray.get(fleet.info.remote())["sent_at"]
     latency = [received[s] - sent_at[s] for s in range(warmup, warmup + steps)]
+    # insitu status: the head's CPU per status() call (its whole CPU over the calls, idle share included)
+    ray.get(head.status.remote())
+    h0, calls = cpu_seconds(pids["head"]), 50
+    for _ in range(calls):
+        doc = ray.get(head.status.remote())
+    status_ms = (cpu_seconds(pids["head"]) - h0) / calls * 1e3
+    assert len(doc["simulation"]["nodes"]) == k
     per_step = {p: (c1[p] - c0[p]) / steps * 1e3 for p in c0}
     per_step["fleet"] += per_step.pop("placeholder", 0.0)
     head_stats = ray.get(head.stats.remote())
@@ -167,6 +175,7 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
         "consumer_cpu_ms_per_step": per_step["consumer"],
         "control_cpu_ms_per_step": sum(per_step.values()),
         "latency_ms_median": statistics.median(latency) * 1e3,
+        "head_cpu_ms_per_status_call": status_ms,
         "head_calls_in_per_step": head_stats["units"] + 2,  # one per node or relay, plus next_steps and done
         "head_calls_out_per_step": head_stats["units"],  # one status push per node or relay
         "node_status_deliveries_per_step": (calls1 - calls0) / steps,
@@ -204,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['relays_cpu_ms_per_step']:7.2f}  nodes {row['nodes_cpu_ms_per_step']:7.2f}  consumer "
                       f"{row['consumer_cpu_ms_per_step']:6.2f}  control total {row['control_cpu_ms_per_step']:7.2f}  "
                       f"latency {row['latency_ms_median']:7.2f} ms  head calls out/step "
-                      f"{row['head_calls_out_per_step']}", flush=True)  # fmt: skip
+                      f"{row['head_calls_out_per_step']}  status call {row['head_cpu_ms_per_status_call']:.3f} ms CPU",
+                      flush=True)  # fmt: skip
         result: dict[str, Any] = {"rows": rows}
         projected: dict[str, dict[str, float]] = {}
         for fanin in {r["fanin"] for r in rows}:

@@ -8,6 +8,7 @@ no Ray start-up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -414,6 +415,7 @@ class Bridge:
         the step is then rejected on every rank, never on this rank alone."""
         if self._closed:
             raise InsituError("send() on a closed Bridge")
+        t0 = time.perf_counter()
         step_i, error = self._check(step, arrays)
         error = local_error or error
         self._drain()
@@ -446,6 +448,7 @@ class Bridge:
                 self._dropped += 1
                 self._step_fate = Fate.DROPPED
             self._on_failure(bool(agreed[BROKEN]) or agreed[STATE_MAX] >= AnalyticsState.DETACHED)
+            self._count(first, self._failure_message)
             return
         if self._failure_message:  # a consumer attached again (e.g. an analytics restarted after a crash)
             self._failure_message = ""
@@ -460,12 +463,14 @@ class Bridge:
         if first and len(self._in_flight) >= limit and self.config.backpressure == Backpressure.SKIP:
             self._skipped += 1
             self._step_fate = Fate.SKIPPED
+            self._count(True, f"back-pressure skip: {len(self._in_flight)} steps in flight")
             return
         if (first and len(self._in_flight) >= limit) or agreed[NO_SLOT]:
             if first:
                 self._step_fate = Fate.DROPPED  # unless the wait succeeds (below)
             if not self._block(step_i, first):
                 self._dropped += int(first)
+                self._count(first, self._failure_message)
                 return
         mine = [n for n in call if n in passed]
         slot = -1
@@ -477,13 +482,19 @@ class Bridge:
         try:
             assert self._channel is not None
             part = None if len(call) == len(self._names) else call
-            self._channel.send((Wire.CHUNKS, step_i, slot, part))
+            self._channel.send((Wire.CHUNKS, step_i, slot, part, time.perf_counter() - t0))
         except OSError as exc:
             self._broken = f"lost the connection to the node actor of node {self.node[:12]}: {exc}"
         if first:
             self._in_flight.append(step_i)
             self._sent += 1
             self._step_fate = Fate.SENT
+
+    def _count(self, first: bool, reason: str) -> None:
+        """Tell the node actor a step was skipped or dropped, and why (for ``insitu status``)."""
+        if first and self._channel is not None and not self._channel.closed and not self._broken:
+            with contextlib.suppress(OSError):
+                self._channel.send((Wire.COUNTS, self._skipped, self._dropped, reason))
 
     def _owns(self, name: str) -> bool:
         spec = self._specs.get(name)

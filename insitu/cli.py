@@ -1,4 +1,4 @@
-"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, record, replay, analytics,
+"""The ``insitu`` command (also ``python -m insitu``): demo, config, launch, steer, status, record, replay, analytics,
 build-shim, debug-info.
 
 A user error (an :mod:`insitu.errors` exception, a missing file, a bad option, a cluster that
@@ -282,6 +282,14 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--steps", default=None, help="A:B, the step numbers to replay (half-open, ends optional)")
     rp.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
     rp.set_defaults(fn=_replay)
+    ss = command("status", "where a live run stands: steps, consumers, lag, store bytes, ranks' send times")
+    ss.add_argument("--run", default=None, help="run name (default INSITU_RUN)")
+    ss.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
+    ss.add_argument("--json", action="store_true", help="one JSON document per refresh (docs/status.md)")
+    ss.add_argument("--follow", action="store_true", help="refresh every --interval seconds until the run ends")
+    ss.add_argument("--interval", type=float, default=1.0)
+    ss.set_defaults(fn=lambda a: __import__("insitu.status").status.main_status(a.run, a.address, a.json, a.follow,
+                                                                                a.interval))  # fmt: skip
     an = command("analytics", "run an analytics script; with --supervise, restart it when it dies or hangs")
     an.add_argument("--supervise", action="store_true", help="restart the analytics when it fails (see --help)")
     an.add_argument("--max-restarts", type=int, default=3, help="restarts after the first start (default 3)")

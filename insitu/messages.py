@@ -50,12 +50,14 @@ class Wire(enum.IntEnum):
 
     HELLO = 1  # rank -> node: (HELLO, rank, staging path, arrays, slots, stride)
     WELCOME = 2  # node -> rank: (WELCOME,)
-    CHUNKS = 3  # rank -> node: (CHUNKS, step, slot, part): slot -1 if nothing staged, part None = all arrays
+    CHUNKS = 3  # rank -> node: (CHUNKS, step, slot, part, seconds): slot -1 if nothing staged, part None = all
+    #             arrays, seconds = the send call's time on the rank (insitu status)
     FREE = 4  # node -> rank: (FREE, slot)
     STATUS = 5  # node -> rank: (STATUS, Status)
     CLOSE = 6  # rank -> node: (CLOSE, last step)
     CLOSED = 7  # node -> rank: (CLOSED,)
     ERROR = 8  # node -> rank: (ERROR, message)
+    COUNTS = 9  # rank -> node: (COUNTS, skipped, dropped, reason) when a step is skipped or dropped
 
 
 class AnalyticsState(enum.IntEnum):

@@ -89,6 +89,7 @@ class HeadActor:
         self._torn_down = False
         self._dead_ranks: dict[int, str] = {}
         self._node_ips: dict[str, str] = {}
+        self._parent_relay: dict[str, str] = {}  # unit -> the step relay it reports to (none: the head)
         self._watchers: list[asyncio.Task[None]] = []
 
     # -- helpers -----------------------------------------------------------------
@@ -180,6 +181,7 @@ class HeadActor:
         parent_of: dict[str, Any] = {u: me for u in top}
         for relay, units in children.items():
             parent_of.update(dict.fromkeys(units, handles[relay]))
+            self._parent_relay.update(dict.fromkeys(units, relay))
         self._relays = {r: handles[r] for r in children}
         self._units = {u: handles[u] for u in top}
         self._unit_nodes = {u: below[u] for u in top}
@@ -222,6 +224,56 @@ class HeadActor:
         self._book.last_failure = message
         self._finish(RunEnd(EndReason.NODE_LOST, message, -1 if last == _NO_STEP else last))
         self._push()
+
+    async def status(self) -> dict[str, Any]:
+        """The head's part of ``insitu status`` (docs/status.md): plain data from its memory, no call out."""
+        book, now = self._book, time.monotonic()
+        last = None if book.last_step == _NO_STEP else book.last_step
+        sim = None
+        if self._sim is not None:
+            nodes = []
+            for node in self._nodes:
+                route, unit = [], node
+                while unit in self._parent_relay:
+                    unit = self._parent_relay[unit]
+                    route.append(unit)
+                ranks = [r for r, n in enumerate(self._sim.rank_nodes) if n == node]
+                nodes.append({"id": node, "ip": self._node_ips.get(node), "ranks": ranks,
+                              "route": " > ".join(route) or "direct"})  # fmt: skip
+            sim = {"ranks": self._sim.size, "nodes": nodes}
+        assembling = []
+        for (step, part), have in sorted(self._partial.items(), key=lambda kv: kv[0][0]):
+            missing = [n for u in self._units if u not in have for n in self._unit_nodes.get(u, (u,))]
+            assembling.append({"step": step, "arrays": list(part) if part else "all", "missing_nodes": missing})
+        consumers = []
+        for c in book.consumers.values():
+            completed = None if c.completed == _NO_STEP else c.completed
+            consumers.append({
+                "incarnation": c.id, "kind": c.kind, "state": c.state.name.lower(), "completed": completed,
+                "lag": None if last is None or completed is None else last - completed, "queued": len(c.ready),
+                "steps_done": c.steps_done, "windows": dict(c.windows), "failure": c.failure,
+                "polling_age_s": round(now - c.last_poll, 3),
+            })  # fmt: skip
+        held = {a: len(q) for a, q in book.retained_steps().items()}
+        for c in book.attached():
+            for a in c.windows:
+                queued = sum(1 for d in c.ready if any(p[0] == a for p in d.parts))
+                held[a] = held.get(a, 0) + queued
+        end = None if self._end is None else {"reason": self._end.reason.value, "message": self._end.message,
+                                              "last_step": self._end.last_step}  # fmt: skip
+        return {
+            "run": self._run, "age_s": round(now - self._created, 3),
+            "state": "ended" if self._end is not None else "running" if self._sim is not None else "waiting",
+            "end": end, "simulation": sim,
+            "steps": {"assembled": self._steps_assembled, "last": last, "assembling": assembling},
+            "ranks_told": book.sim_state().name.lower(), "failures": book.failures, "last_failure": book.last_failure,
+            "restart_pending_s": None if book.restart_until is None else round(book.restart_until - now, 3),
+            "consumers": consumers, "retained": book.retained_steps(), "held_steps": held,
+        }  # fmt: skip
+
+    async def node_handles(self) -> dict[str, Any]:
+        """The run's node actors (``insitu status`` asks each for its ranks' figures)."""
+        return dict(self._nodes)
 
     async def node_processes(self) -> dict[str, int]:
         """Process id of each node actor (for fault tests)."""

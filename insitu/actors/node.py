@@ -16,6 +16,7 @@ import os
 import pickle
 import struct
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,12 @@ class _RankState:
     stride: int
     writer: asyncio.StreamWriter
     closed: bool = False
+    times: deque[float] = dataclasses.field(default_factory=lambda: deque(maxlen=200))
+    """Seconds of this rank's recent send calls (insitu status)."""
+    sent: int = 0
+    skipped: int = 0
+    dropped: int = 0
+    reason: str = ""
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -109,6 +116,17 @@ class NodeActor:
         return {"messages": self._messages, "pending": len(self._pending), "history": len(self._history),
                 "pid": os.getpid()}  # fmt: skip
 
+    async def status(self) -> dict[str, Any]:
+        """This node's part of ``insitu status``: per rank, send time p50/p95 (ms) over its recent calls,
+        calls sent, steps skipped and dropped and the last reason."""
+        ranks: dict[int, dict[str, Any]] = {}
+        for rank, st in sorted(self._ranks.items()):
+            times = sorted(st.times)
+            pct = {q: 1e3 * times[min(len(times) - 1, int(q / 100 * len(times)))] if times else None for q in (50, 95)}
+            ranks[rank] = {"send_p50_ms": pct[50], "send_p95_ms": pct[95], "calls": st.sent, "skipped": st.skipped,
+                           "dropped": st.dropped, "reason": st.reason, "closed": st.closed}  # fmt: skip
+        return {"pid": os.getpid(), "messages": self._messages, "pending": len(self._pending), "ranks": ranks}
+
     async def park(self) -> None:
         """Never returns: the head awaits it to learn at once that this process died."""
         await asyncio.Event().wait()
@@ -121,7 +139,9 @@ class NodeActor:
                 msg = pickle.loads(await reader.readexactly(n))
                 tag = msg[0]
                 if tag == Wire.CHUNKS and state is not None:
-                    _, step, slot, part = msg
+                    _, step, slot, part, seconds = msg
+                    state.times.append(seconds)
+                    state.sent += 1
                     key = (step, part)
                     have = self._pending.setdefault(key, {})
                     have[state.rank] = (state, slot)
@@ -129,6 +149,8 @@ class NodeActor:
                         del self._pending[key]
                         await self._complete(step, part, have)
                         del have  # this frame keeps no chunk alive (retention rule)
+                elif tag == Wire.COUNTS and state is not None:
+                    _, state.skipped, state.dropped, state.reason = msg
                 elif tag == Wire.HELLO:
                     state = self._hello(msg, writer)
                 elif tag == Wire.CLOSE and state is not None:
