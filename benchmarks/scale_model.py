@@ -156,7 +156,12 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
     for _ in range(calls):
         doc = ray.get(head.status.remote())
     status_ms = (cpu_seconds(pids["head"]) - h0) / calls * 1e3
-    assert len(doc["simulation"]["nodes"]) == k
+    assert doc["simulation"]["nodes"] == k
+    h0 = cpu_seconds(pids["head"])  # ... and per nodes() call (the node list: once per insitu status command)
+    for _ in range(calls):
+        listed = ray.get(head.nodes.remote())
+    nodes_ms = (cpu_seconds(pids["head"]) - h0) / calls * 1e3
+    assert len(listed) == k
     per_step = {p: (c1[p] - c0[p]) / steps * 1e3 for p in c0}
     per_step["fleet"] += per_step.pop("placeholder", 0.0)
     head_stats = ray.get(head.stats.remote())
@@ -176,6 +181,7 @@ def measure(k: int, steps: int, ranks_per_node: int, fanin: int, warmup: int = 3
         "control_cpu_ms_per_step": sum(per_step.values()),
         "latency_ms_median": statistics.median(latency) * 1e3,
         "head_cpu_ms_per_status_call": status_ms,
+        "head_cpu_ms_per_nodes_call": nodes_ms,
         "head_calls_in_per_step": head_stats["units"] + 2,  # one per node or relay, plus next_steps and done
         "head_calls_out_per_step": head_stats["units"],  # one status push per node or relay
         "node_status_deliveries_per_step": (calls1 - calls0) / steps,
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['relays_cpu_ms_per_step']:7.2f}  nodes {row['nodes_cpu_ms_per_step']:7.2f}  consumer "
                       f"{row['consumer_cpu_ms_per_step']:6.2f}  control total {row['control_cpu_ms_per_step']:7.2f}  "
                       f"latency {row['latency_ms_median']:7.2f} ms  head calls out/step "
-                      f"{row['head_calls_out_per_step']}  status call {row['head_cpu_ms_per_status_call']:.3f} ms CPU",
+                      f"{row['head_calls_out_per_step']}  status call {row['head_cpu_ms_per_status_call']:.3f} ms CPU, "
+                      f"nodes call {row['head_cpu_ms_per_nodes_call']:.3f} ms",
                       flush=True)  # fmt: skip
         result: dict[str, Any] = {"rows": rows}
         projected: dict[str, dict[str, float]] = {}

@@ -49,8 +49,13 @@ def node_bytes(layouts: Sequence[ArrayLayout], rank_nodes: Sequence[str], held: 
     return out
 
 
-def collect(run: str, config: Config, timeout: float = 10.0) -> dict[str, Any]:
-    """The status document of ``run`` (this process must be connected to the run's Ray cluster)."""
+def collect(
+    run: str, config: Config, timeout: float = 10.0, nodes: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The status document of ``run`` (this process must be connected to the run's Ray cluster).
+
+    ``nodes``: the head's node list from an earlier call (it does not change once the run is registered).
+    """
     import ray
 
     from insitu.actors.head import head_name
@@ -65,13 +70,17 @@ def collect(run: str, config: Config, timeout: float = 10.0) -> dict[str, Any]:
         ) from None
     doc: dict[str, Any] = {"schema": SCHEMA, **ray.get(head.status.remote(), timeout=timeout)}
     info = ray.get(head.run_info.remote(0), timeout=timeout)
-    handles: dict[str, Any] = ray.get(head.node_handles.remote(), timeout=timeout) if doc["simulation"] else {}
+    if doc["simulation"] and not nodes:
+        nodes = ray.get(head.nodes.remote(), timeout=timeout)
+    entries = [{k: v for k, v in n.items() if k != "actor"} for n in nodes or []]
+    if doc["simulation"]:
+        doc["simulation"]["nodes"] = entries
     figures: dict[str, Any] = {}
-    for node, handle in handles.items():
+    for n in nodes or []:
         try:
-            figures[node] = ray.get(handle.status.remote(), timeout=timeout)
+            figures[n["id"]] = ray.get(n["actor"].status.remote(), timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - a dead or stuck node is part of the answer
-            figures[node] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            figures[n["id"]] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     store = node_bytes(info.layouts, info.rank_nodes, doc["held_steps"]) if isinstance(info, RunInfo) else {}
     ranks: list[dict[str, Any]] = []
     for entry in doc["simulation"]["nodes"] if doc["simulation"] else []:
@@ -85,6 +94,19 @@ def collect(run: str, config: Config, timeout: float = 10.0) -> dict[str, Any]:
     doc["dropped"] = max((r["dropped"] for r in ranks), default=0)
     doc["drop_reasons"] = sorted({r["reason"] for r in ranks if r["reason"]})
     return doc
+
+
+def _nodes(run: str, config: Config) -> list[dict[str, Any]] | None:
+    """The head's node list, once the simulation registered (``None`` before, or without the run)."""
+    import ray
+
+    from insitu.actors.head import head_name
+
+    try:
+        head = ray.get_actor(head_name(run), namespace=config.namespace)
+    except ValueError:
+        return None  # collect names the problem
+    return ray.get(head.nodes.remote(), timeout=10) or None
 
 
 def _ms(value: float | None) -> str:
@@ -130,8 +152,11 @@ def main_status(run: str | None, address: str | None, as_json: bool, follow: boo
     run = resolve_run(run, config)
     acquire_ray(config, f"insitu status --run {run}")
     try:
+        nodes: list[dict[str, Any]] | None = None
         while True:
-            doc = collect(run, config)
+            if nodes is None:
+                nodes = _nodes(run, config)
+            doc = collect(run, config, nodes=nodes)
             text = json.dumps(doc) if as_json else render(doc)
             if follow and not as_json and sys.stdout.isatty():
                 text = "\x1b[H\x1b[2J" + text  # refresh in place

@@ -90,3 +90,43 @@ def test_policy_raise_applies_only_once_restarts_are_exhausted(cluster: Any) -> 
     first_drop = kinds.index("dropped")
     assert "sent" in kinds[first_drop:], kinds
     assert errors[1] == "AnalyticsFailedError" and errors[0] > views[-1][1], (errors, views[-3:])
+
+
+def test_sigterm_to_the_supervisor_leaves_nothing(cluster: Any) -> None:
+    """SIGTERM to ``insitu analytics --supervise`` (issue 17 item 4): its analytics goes, the run sees the
+    consumer leave, the heartbeat directory is removed; one line and exit 128 + 15."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from tests.test_consumers import head_stats
+
+    run = run_name("supterm")
+    sup = _supervisor(cluster, run, 2, {})
+    wait_consumers(run, 1)
+
+    def parent(p: Path) -> str:
+        try:
+            return (p / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            return ""
+
+    (child,) = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent(p) == str(sup.pid)]
+    env = dict(e.split("=", 1) for e in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in e)
+    beat = Path(env["INSITU_HEARTBEAT_FILE"])
+    assert beat.exists() and env["INSITU_RESTARTS_LEFT"] == "2"
+    sup.send_signal(signal.SIGTERM)
+    _, err = sup.communicate(timeout=60)
+    assert sup.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "insitu analytics: interrupted by SIGTERM; everything it started was torn down"
+    ), err[-2000:]
+    assert not Path(f"/proc/{child}").exists() and not beat.parent.exists()
+    end, state = time.monotonic() + 30, "ATTACHED"
+    while state == "ATTACHED" and time.monotonic() < end:
+        try:
+            state = head_stats(run)["consumers"][1]["state"]
+        except ValueError:  # reclaimed: the consumer left before any simulation registered
+            state = "reclaimed"
+        time.sleep(0.2)
+    assert state != "ATTACHED"

@@ -90,6 +90,7 @@ class HeadActor:
         self._dead_ranks: dict[int, str] = {}
         self._node_ips: dict[str, str] = {}
         self._parent_relay: dict[str, str] = {}  # unit -> the step relay it reports to (none: the head)
+        self._nodes_doc: list[dict[str, Any]] | None = None
         self._watchers: list[asyncio.Task[None]] = []
 
     # -- helpers -----------------------------------------------------------------
@@ -226,21 +227,11 @@ class HeadActor:
         self._push()
 
     async def status(self) -> dict[str, Any]:
-        """The head's part of ``insitu status`` (docs/status.md): plain data from its memory, no call out."""
+        """The head's part of ``insitu status`` (docs/status.md): plain data from its memory, no call out,
+        independent of the number of nodes (:meth:`nodes` lists them)."""
         book, now = self._book, time.monotonic()
         last = None if book.last_step == _NO_STEP else book.last_step
-        sim = None
-        if self._sim is not None:
-            nodes = []
-            for node in self._nodes:
-                route, unit = [], node
-                while unit in self._parent_relay:
-                    unit = self._parent_relay[unit]
-                    route.append(unit)
-                ranks = [r for r, n in enumerate(self._sim.rank_nodes) if n == node]
-                nodes.append({"id": node, "ip": self._node_ips.get(node), "ranks": ranks,
-                              "route": " > ".join(route) or "direct"})  # fmt: skip
-            sim = {"ranks": self._sim.size, "nodes": nodes}
+        sim = None if self._sim is None else {"ranks": self._sim.size, "nodes": len(self._nodes)}
         assembling = []
         for (step, part), have in sorted(self._partial.items(), key=lambda kv: kv[0][0]):
             missing = [n for u in self._units if u not in have for n in self._unit_nodes.get(u, (u,))]
@@ -271,9 +262,26 @@ class HeadActor:
             "consumers": consumers, "retained": book.retained_steps(), "held_steps": held,
         }  # fmt: skip
 
-    async def node_handles(self) -> dict[str, Any]:
-        """The run's node actors (``insitu status`` asks each for its ranks' figures)."""
-        return dict(self._nodes)
+    def _node_entries(self) -> list[dict[str, Any]]:
+        """Each node's id, address, ranks and route: fixed at registration, built once (status stays cheap)."""
+        if self._nodes_doc is None and self._sim is not None:
+            by_node: dict[str, list[int]] = {}
+            for rank, node in enumerate(self._sim.rank_nodes):
+                by_node.setdefault(node, []).append(rank)
+            self._nodes_doc = []
+            for node in self._nodes:
+                route, unit = [], node
+                while unit in self._parent_relay:
+                    unit = self._parent_relay[unit]
+                    route.append(unit)
+                self._nodes_doc.append({"id": node, "ip": self._node_ips.get(node), "ranks": by_node.get(node, []),
+                                        "route": " > ".join(route) or "direct"})  # fmt: skip
+        return self._nodes_doc or []
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Each node's ``id``, ``ip``, ``ranks``, ``route`` and ``actor`` (its node actor, which ``insitu
+        status`` asks for its ranks' figures). Fixed once registered: ``--follow`` asks once."""
+        return [{**n, "actor": self._nodes.get(n["id"])} for n in self._node_entries()]
 
     async def node_processes(self) -> dict[str, int]:
         """Process id of each node actor (for fault tests)."""
