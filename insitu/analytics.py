@@ -23,6 +23,7 @@ from insitu.errors import (
     CallbackError,
     ContractError,
     NodeLostError,
+    RunLostError,
     SimulationFailedError,
     SteeringValueError,
     StepTimeoutError,
@@ -53,6 +54,9 @@ class RunSummary:
     """Attached after a consumer failed (e.g. restarted by ``insitu analytics --supervise``): the last
     step the failed one finished. The steps between it and this analytics' first are the gap; the
     simulation counts them (``bridge.stats.dropped``)."""
+    dropped_before_attach: int | None = None
+    """For such an analytics: the steps the simulation had dropped when it attached (every gap so
+    far; steps dropped after the attach, until the ranks learn of it, count in the next figure)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Analytics:
         self._link: Any = None
         self._consumer = 0
         self._resumed_after: int | None = None
+        self._dropped_before: int | None = None
         self._seq = 0  # messages of this consumer incarnation to the head (set/done/fail/detach), in order
         self._history: tuple[StepData, ...] = ()
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
@@ -286,6 +291,8 @@ class Analytics:
             A simulation rank died before closing.
         NodeLostError
             The insitu process of a node died (the message names the node and the last complete step).
+        RunLostError
+            The run's head actor died (killed, or its node or the cluster lost).
         StepTimeoutError
             Nothing arrived within ``deadline`` seconds; names what is missing.
         """
@@ -302,12 +309,18 @@ class Analytics:
             self._head = get_or_create_head(self.run_name, self.config)
             self._link = _link_class().remote()
             cfg = self.config
+            previous = ""
+            if cfg.previous_stderr:
+                with contextlib.suppress(OSError):
+                    previous = Path(cfg.previous_stderr).read_text(errors="replace")
             attached: Attached = ray.get(
-                self._head.attach.remote(self._link, self.windows(), "analytics", cfg.restarts_left, cfg.restart_grace),
+                self._head.attach.remote(self._link, self.windows(), "analytics", cfg.restarts_left, cfg.restart_grace,
+                                         previous),
                 timeout=cfg.deadline,
-            )
+            )  # fmt: skip
             self._consumer = attached.consumer
             self._resumed_after = attached.resumed_after
+            self._dropped_before = attached.dropped
             if attached.resumed_after is not None:
                 log.warning("run %s: attached as consumer %d after a failed one, which finished step %d",
                             self.run_name, attached.consumer, attached.resumed_after)  # fmt: skip
@@ -380,10 +393,15 @@ class Analytics:
         while True:
             self._beat()
             done, self._done = self._done, None  # the completion travels with the next poll
-            batch = ray.get(
-                self._head.next_steps.remote(self._consumer, _POLL, done, None if done is None else self._next_seq()),
-                timeout=_POLL + self.config.deadline,
-            )
+            seq = None if done is None else self._next_seq()
+            try:
+                batch = ray.get(self._head.next_steps.remote(self._consumer, _POLL, done, seq),
+                                timeout=_POLL + self.config.deadline)  # fmt: skip
+            except ray.exceptions.RayActorError as exc:  # the head died (killed, its node or the cluster lost)
+                raise RunLostError(
+                    f"run {self.run_name!r}: its head actor died after step {last} (the last step this analytics "
+                    f"received): {type(exc).__name__}"
+                ) from exc
             if isinstance(batch, Waiting):
                 if time.monotonic() - progress > self.config.deadline:
                     raise StepTimeoutError(f"no step for {self.config.deadline:.0f} s: {batch.description}")
@@ -393,7 +411,7 @@ class Analytics:
                 if isinstance(item, RunEnd):
                     if item.reason == EndReason.CLOSED:
                         summary = RunSummary(steps, last, item.reason, dict(self._handled), self._consumer,
-                                             self._resumed_after)  # fmt: skip
+                                             self._resumed_after, self._dropped_before)  # fmt: skip
                         for fn in self._on_close:
                             try:
                                 fn(summary)

@@ -137,6 +137,9 @@ class Config:
     restart_grace
         Set by the supervisor (``INSITU_RESTART_GRACE``): seconds the head waits for the restarted
         analytics before treating the failure as final.
+    previous_stderr
+        Set by the supervisor (``INSITU_PREVIOUS_STDERR``): a file holding the last stderr lines of
+        the incarnation before this one, handed to the head at attach (``insitu status``).
     """
 
     address: str | None = None
@@ -164,6 +167,7 @@ class Config:
     heartbeat_file: str = ""
     restarts_left: int = -1
     restart_grace: float = 120.0
+    previous_stderr: str = ""
 
     def __post_init__(self) -> None:
         for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)):

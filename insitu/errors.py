@@ -21,7 +21,9 @@ __all__ = [
     "ContractError",
     "InsituError",
     "InsufficientSlicesError",
+    "NodeLostError",
     "RelayLostError",
+    "RunLostError",
     "RunNameError",
     "SendError",
     "SimulationFailedError",
@@ -77,6 +79,13 @@ class AnalyticsFailedError(InsituError, RuntimeError):
 
 class SimulationFailedError(InsituError, RuntimeError):
     """A simulation rank died before closing its bridge; raised by ``Analytics.run``."""
+
+
+class RunLostError(InsituError, RuntimeError):
+    """The run's head actor (or the whole Ray cluster) went away under a consumer.
+
+    Raised by ``Analytics.run``, naming the run and the last step the consumer received.
+    """
 
 
 class NodeLostError(InsituError, RuntimeError):

@@ -196,6 +196,9 @@ class Attached:
     resumed_after: int | None = None
     """For a consumer attaching after another failed: the last step its predecessor finished
     (the steps after it, up to this consumer's first, are the gap)."""
+    dropped: int | None = None
+    """For such a consumer: the steps the simulation had dropped when it attached (the ranks'
+    count, from the node actors; the same on every rank)."""
 
 
 @dataclass(frozen=True, slots=True)

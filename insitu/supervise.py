@@ -12,7 +12,9 @@ again as a new consumer (a higher incarnation) and resumes at the next complete 
 windows refilled; the run's head keeps the ranks dropping steps, under either failure policy,
 until it attaches or ``INSITU_RESTART_GRACE`` seconds pass. Once restarts are exhausted the last
 failure is final: policy ``raise`` applies and the supervisor exits with the child's code
-(128 + signal for a signal).
+(128 + signal for a signal). The child's stderr passes through the supervisor, which keeps
+its last 50 lines; the next incarnation gets them (``INSITU_PREVIOUS_STDERR``) and hands them
+to the run's head with its attach, where ``insitu status`` shows them with the failed consumer.
 
 Examples
 --------
@@ -30,15 +32,19 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 from insitu.errors import ContractError
 
-__all__ = ["backoff", "command_of", "supervise"]
+__all__ = ["STDERR_LINES", "backoff", "command_of", "supervise"]
 
 _START_ALLOWANCE = 60.0  # seconds a restarted analytics may take to import and attach
+STDERR_LINES = 50
+"""Lines of a failed analytics' stderr its restart hands to the run (``insitu status``)."""
 
 
 def command_of(argv: Sequence[str]) -> list[str]:
@@ -63,6 +69,17 @@ def _stop(proc: subprocess.Popen[bytes], hung: bool = False) -> None:
             proc.wait(timeout=wait)
         if proc.poll() is not None:
             return
+
+
+def _relay_stderr(proc: subprocess.Popen[bytes], tail: deque[str]) -> None:
+    """Copy the child's stderr to ours, keeping its last lines (the failure's context)."""
+    assert proc.stderr is not None
+    for raw in iter(proc.stderr.readline, b""):
+        line = raw.decode(errors="replace")
+        tail.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    proc.stderr.close()
 
 
 def _watch(proc: subprocess.Popen[bytes], beat: Path, deadline: float) -> tuple[int, str]:
@@ -109,19 +126,26 @@ def supervise(argv: Sequence[str], max_restarts: int = 3, heartbeat_deadline: fl
     cmd = command_of(argv)
     attempt = 0
     with tempfile.TemporaryDirectory(prefix="insitu-supervise-") as tmp:
-        beat = Path(tmp) / "heartbeat"
+        beat, tail_file = Path(tmp) / "heartbeat", Path(tmp) / "stderr-tail"
         while True:
             beat.touch()
             left = max_restarts - attempt
             grace = (backoff(attempt + 1, backoff_cap) if left else 0.0) + _START_ALLOWANCE
             env = {**os.environ, "INSITU_HEARTBEAT_FILE": str(beat), "INSITU_RESTARTS_LEFT": str(left),
                    "INSITU_RESTART_GRACE": str(grace)}  # fmt: skip
-            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+            if tail_file.exists():  # the previous incarnation's last stderr lines, for the run's status
+                env["INSITU_PREVIOUS_STDERR"] = str(tail_file)
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+            tail: deque[str] = deque(maxlen=STDERR_LINES)
+            relay = threading.Thread(target=_relay_stderr, args=(proc, tail), daemon=True)
+            relay.start()
             try:
                 code, what = _watch(proc, beat, heartbeat_deadline)
             finally:
                 if proc.poll() is None:  # interrupted (SIGTERM/SIGINT to the supervisor): the child goes too
                     _stop(proc)
+                relay.join(10)
+            tail_file.write_text("".join(tail))
             if code == 0:
                 return 0
             over = beat.with_name(beat.name + ".over")

@@ -46,5 +46,6 @@ def test_on_error_handles_one_callback_and_a_raising_handler_fails_it(cluster: A
         assert ana.returncode == 0
         assert handled == [3, 4, 5]  # every failing step went to the handler; the run went on
         (done,) = [e for e in lines if "done" in e]
-        assert done == {"done": 6, "handled": {"step": 3}, "incarnation": 1, "resumed_after": None}
+        assert done == {"done": 6, "handled": {"step": 3}, "incarnation": 1, "resumed_after": None,
+                        "dropped_before": None}  # fmt: skip
         assert [e["step"] for e in lines if "step" in e and "mean" in e] == list(range(6))

@@ -58,17 +58,11 @@ def test_the_simulation_finishes_without_hanging_when_the_cluster_goes_away() ->
         assert [e["event"] for e in events][-1] == "done"
 
 
-def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluster: Any) -> None:
-    """SIGKILL to the node actor of the second node mid-run: the analytics ends with NodeLostError naming
-    the node's address, id and ranks and the last complete step, not a generic timeout; the simulation
-    warns once, naming the node, drops the later steps and finishes."""
-    import ray
-
-    from insitu.actors.head import head_name
-    from insitu.errors import NodeLostError
+def _running(cluster: Any, run: str) -> tuple[list[int], list[BaseException], threading.Thread, Any]:
+    """An analytics on ``u`` in a thread (steps seen, its failure) and a 4-rank, 400-step simulation
+    that has sent at least 5 steps."""
     from tests.test_failures import make_analytics
 
-    run = run_name("nodelost")
     analytics = make_analytics(run)
     seen: list[int] = []
     analytics.on_step("u")(lambda step, u: seen.append(step))
@@ -87,6 +81,19 @@ def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluste
     while _sent(sim) < 5 and time.monotonic() < end:
         time.sleep(0.2)
     assert _sent(sim) >= 5, "the simulation did not start sending"
+    return seen, failure, thread, sim
+
+
+def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluster: Any) -> None:
+    """SIGKILL to the node actor of the second node mid-run: the analytics ends with NodeLostError naming
+    the node's address, id and ranks and the last complete step, not a generic timeout; the simulation
+    warns once, naming the node, drops the later steps and finishes."""
+    import ray
+
+    from insitu.actors.head import head_name
+    from insitu.errors import NodeLostError
+    run = run_name("nodelost")
+    seen, failure, thread, sim = _running(cluster, run)
     head = ray.get_actor(head_name(run), namespace="insitu")
     pids = ray.get(head.node_processes.remote(), timeout=30)
     ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
@@ -112,3 +119,30 @@ def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluste
         assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 400))
         done = next(e for e in events if e["event"] == "done")
         assert (done["sent"], done["dropped"], done["ok"]) == (len(sent), len(dropped), False)
+
+
+def test_a_lost_head_is_named_by_the_analytics_and_the_simulation_finishes(cluster: Any) -> None:
+    """The run's head actor killed mid-run (its node actors die with it): the analytics ends with
+    RunLostError naming the run and its last step; the simulation warns once, drops the rest, finishes."""
+    import ray
+
+    from insitu.actors.head import head_name
+    from insitu.errors import RunLostError
+    run = run_name("headlost")
+    seen, failure, thread, sim = _running(cluster, run)
+    ray.kill(ray.get_actor(head_name(run), namespace="insitu"))
+    killed_at = time.monotonic()
+    thread.join(60)
+    result = finish_sim(sim, timeout=120)
+    assert not thread.is_alive() and time.monotonic() - killed_at < 60
+    (exc,) = failure
+    assert isinstance(exc, RunLostError), repr(exc)
+    assert str(exc).startswith(f"run {run!r}: its head actor died after step {seen[-1]} "), str(exc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warnings) == 1 and "lost the connection to the node actor" in warnings[0], result.stderr[-3000:]
+    for rank in range(4):
+        events = [e for e in result.events if e["rank"] == rank]
+        sent = [e["step"] for e in events if e["event"] == "sent"]
+        dropped = [e["step"] for e in events if e["event"] == "dropped"]
+        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 400))

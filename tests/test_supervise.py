@@ -29,6 +29,27 @@ def _supervisor(cluster: Any, run: str, restarts: int, options: dict[str, Any]) 
                             start_new_session=True)  # fmt: skip
 
 
+def _stderr_tails(run: str, sim: Any) -> dict[int, str]:
+    """Poll the head's status while the simulation runs: the stderr tails of failed consumers."""
+    import time
+
+    import ray
+
+    from insitu.actors.head import head_name
+
+    tails: dict[int, str] = {}
+    end = time.monotonic() + 200
+    while sim.poll() is None and len(tails) < 2 and time.monotonic() < end:
+        try:
+            doc = ray.get(ray.get_actor(head_name(run), namespace="insitu").status.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - not there yet, or busy
+            time.sleep(0.5)
+            continue
+        tails.update({c["incarnation"]: c["stderr_tail"] for c in doc["consumers"] if c["stderr_tail"]})
+        time.sleep(0.5)
+    return tails
+
+
 def _events(result: Any, rank: int) -> list[tuple[str, int, bool]]:
     return [(e["event"], e["step"], e["ok"]) for e in result.events
             if e["rank"] == rank and e["event"] in ("sent", "dropped")]  # fmt: skip
@@ -36,10 +57,11 @@ def _events(result: Any, rank: int) -> list[tuple[str, int, bool]]:
 
 def test_a_killed_then_hung_analytics_is_restarted_and_resumes(cluster: Any) -> None:
     run = run_name("supervise")
-    sup = _supervisor(cluster, run, 2, {"crash": {"1": 3}, "hang": {"2": 3}})
+    sup = _supervisor(cluster, run, 2, {"crash": {"1": 3}, "hang": {"2": 3}, "stderr": True})
     try:
         wait_consumers(run, 1)
         sim = start_sim(cluster, 4, {"run": run, "steps": 240, "sleep": 0.1, "config": {"deadline": 30}})
+        tails = _stderr_tails(run, sim)
         result = finish_sim(sim, timeout=240)
         out, err = sup.communicate(timeout=120)
     finally:
@@ -66,6 +88,12 @@ def test_a_killed_then_hung_analytics_is_restarted_and_resumes(cluster: Any) -> 
     assert views[-1][0] == "sent" and set(by_inc[3]) <= {s for k, s, _ in views if k == "sent"}
     totals = same_everywhere({r: (e["sent"], e["dropped"], e["ok"]) for r, e in result.one("done").items()}, 4)
     assert totals == (kinds.count("sent"), kinds.count("dropped"), True)
+    # the steps the simulation had dropped when incarnation 3 attached: both gaps, as far as the ranks knew
+    before_third = sum(1 for k, s, _ in views if k == "dropped" and s < min(by_inc[3]))
+    assert 0 < done["dropped_before"] <= before_third, (done, before_third)
+    # each failed incarnation's last stderr lines reached the run's status with its successor
+    for inc in (1, 2):
+        assert tails[inc].splitlines()[-1] == f"ana incarnation {inc} step {by_inc[inc][-1]}", tails
 
 
 def test_policy_raise_applies_only_once_restarts_are_exhausted(cluster: Any) -> None:

@@ -72,6 +72,8 @@ class Consumer:
     """Restarts its supervisor has left after it (-1: not supervised)."""
     grace: float = 0.0
     """Seconds to wait for its restart before its failure counts as final."""
+    stderr_tail: str = ""
+    """Its last stderr lines, handed over by its restarted successor (supervised analytics)."""
 
     def share(self, data: StepData) -> StepData:
         """``data`` restricted to the arrays this consumer reads (it holds no other chunk)."""

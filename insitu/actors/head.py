@@ -243,6 +243,7 @@ class HeadActor:
                 "incarnation": c.id, "kind": c.kind, "state": c.state.name.lower(), "completed": completed,
                 "lag": None if last is None or completed is None else last - completed, "queued": len(c.ready),
                 "steps_done": c.steps_done, "windows": dict(c.windows), "failure": c.failure,
+                "stderr_tail": c.stderr_tail,
                 "polling_age_s": round(now - c.last_poll, 3),
             })  # fmt: skip
         held = {a: len(q) for a, q in book.retained_steps().items()}
@@ -363,7 +364,7 @@ class HeadActor:
 
     # -- consumers (analytics, recorders, readers) ----------------------------------------
     async def attach(self, link: Any, windows: dict[str, int], kind: str = "analytics", restarts: int = -1,
-                     grace: float = 0.0) -> Attached:  # fmt: skip
+                     grace: float = 0.0, previous_stderr: str = "") -> Attached:  # fmt: skip
         """Attach a consumer reading ``windows`` (array -> largest window); ``link`` is an
         actor owned by the consumer's process, whose death tells the head it died.
 
@@ -375,10 +376,24 @@ class HeadActor:
         if self._end is not None and self._end.reason != EndReason.CLOSED:
             raise ContractError(f"run {self._run!r} already ended: {self._end.message or self._end.reason.value}")
         resumed_after = self._book.lost_after if self._book.failures else None
+        failed = [c for c in self._book.consumers.values() if c.state == ConsumerState.FAILED]
+        if previous_stderr and failed:  # the supervisor's record of the last failed incarnation's stderr
+            failed[-1].stderr_tail = previous_stderr[-20000:]
+        dropped = await self._ranks_dropped() if self._book.failures else None
         c = self._book.attach(kind, windows, time.monotonic(), restarts, grace)
         self._push()
         asyncio.get_running_loop().create_task(self._watch_link(c.id, link))
-        return Attached(c.id, tuple(self._book.history(c)), resumed_after)
+        return Attached(c.id, tuple(self._book.history(c)), resumed_after, dropped)
+
+    async def _ranks_dropped(self) -> int | None:
+        """The steps the ranks dropped so far (their node actors' count), ``None`` if unknown."""
+        if not self._node_ips:  # no real node actors (not registered yet, or impersonated ones)
+            return None
+        try:
+            figures = await asyncio.wait_for(asyncio.gather(*(a.status.remote() for a in self._nodes.values())), 5.0)
+        except Exception:  # noqa: BLE001 - a figure for the summary, never a reason to refuse an attach
+            return None
+        return max((r["dropped"] for f in figures for r in f["ranks"].values()), default=0)
 
     async def _watch_link(self, cid: int, link: Any) -> None:
         try:

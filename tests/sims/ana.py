@@ -35,6 +35,8 @@ def main() -> int:
         print(json.dumps({"step": s, "mean": mean, "window": [a.step for a in u], "incarnation": inc}), flush=True)
         processed.append(s)
         mine = len(processed)
+        if opt.get("stderr"):
+            print(f"ana incarnation {inc} step {s}", file=sys.stderr, flush=True)
         if opt.get("crash", {}).get(str(inc)) == mine:  # supervised runs: this incarnation dies at its k-th step
             os.kill(os.getpid(), signal.SIGKILL)
         if opt.get("hang", {}).get(str(inc)) == mine:  # ... or hangs there (no heartbeat any more)
@@ -47,7 +49,8 @@ def main() -> int:
 
     summary = analytics.run()
     print(json.dumps({"done": summary.steps, "handled": summary.handled, "incarnation": summary.incarnation,
-                      "resumed_after": summary.resumed_after}), flush=True)  # fmt: skip
+                      "resumed_after": summary.resumed_after, "dropped_before": summary.dropped_before_attach}),
+          flush=True)  # fmt: skip
     return 0
 
 
