@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from insitu.actors.consumers import ConsumerKind
 from insitu.config import Backpressure, Config, FailurePolicy, Scheduler, When
 from insitu.layout import ArrayLayout, ArraySpec
 
@@ -30,6 +31,7 @@ __all__ = [
     "ByRef",
     "Bypass",
     "Config",
+    "ConsumerKind",
     "Dispatcher",
     "FailurePolicy",
     "RunSummary",

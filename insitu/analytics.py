@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from insitu.actors.consumers import ConsumerKind
 from insitu.bypass import Bypass
 from insitu.config import Config, Scheduler, When, resolve_run
 from insitu.dispatch import Dispatcher
@@ -109,6 +110,10 @@ class Analytics:
         bypass (:class:`insitu.Bypass`). A bypassed callback is still run as a Ray task on the
         node holding its first array's first block; its result is the provider's or the data file's,
         called as ``provider(tag, data_path, step)``; results are counted in the summary.
+    kind
+        ``ConsumerKind.MONITOR`` makes it an observer: it sees the latest complete steps
+        (older ones are skipped when it falls behind), never holds the simulation back, and
+        its failure is its own (no policy applies). ``insitu monitor``'s snapshot reader is one.
     **overrides
         Config fields to override (``deadline=``, ``scheduler=``, ...).
 
@@ -126,7 +131,7 @@ class Analytics:
 
     def __init__(
         self, run: str | None = None, address: str | None = None, *, config: Config | None = None,
-        bypass: Bypass | None = None, **overrides: Any
+        bypass: Bypass | None = None, kind: ConsumerKind = ConsumerKind.ANALYTICS, **overrides: Any
     ) -> None:
         base = config or Config.from_env()
         self.config = base.replace(
@@ -134,6 +139,7 @@ class Analytics:
         )
         self.run_name = resolve_run(run, self.config)
         check_cluster(self.config.address, f"Analytics(run={self.run_name!r})")
+        self.kind = ConsumerKind(kind)
         self._callbacks: list[_Callback] = []
         self._on_close: list[Callable[[RunSummary], None]] = []
         self._head: Any = None
@@ -314,8 +320,8 @@ class Analytics:
                 with contextlib.suppress(OSError):
                     previous = Path(cfg.previous_stderr).read_text(errors="replace")
             attached: Attached = ray.get(
-                self._head.attach.remote(self._link, self.windows(), "analytics", cfg.restarts_left, cfg.restart_grace,
-                                         previous),
+                self._head.attach.remote(self._link, self.windows(), self.kind.value, cfg.restarts_left,
+                                         cfg.restart_grace, previous),
                 timeout=cfg.deadline,
             )  # fmt: skip
             self._consumer = attached.consumer
@@ -337,6 +343,13 @@ class Analytics:
     def incarnation(self) -> int:
         """This analytics' consumer number in the run (0 before :meth:`run` attached it)."""
         return self._consumer
+
+    @property
+    def restarted(self) -> bool:
+        """Whether ``insitu analytics --supervise`` started this process after a failed incarnation
+        (it sets ``INSITU_PREVIOUS_STDERR`` from the second start on): its outputs should be resumed,
+        not rewritten."""
+        return bool(self.config.previous_stderr)
 
     def _beat(self) -> None:
         """Touch the supervisor's heartbeat file (``insitu analytics --supervise``), if any."""

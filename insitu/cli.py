@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import secrets
 import signal
@@ -133,7 +134,7 @@ def _launch(args: argparse.Namespace) -> int:
                    analytics=args.analytics, placement=args.placement, ray_cpus=args.ray_cpus,
                    cpus_per_task=args.cpus_per_task, time=args.time,
                    step_bytes=args.step_bytes, window=args.window, in_flight=args.in_flight, mpi=args.mpi,
-                   job_name=args.job_name, supervise=not args.no_supervise,
+                   job_name=args.job_name, supervise=not args.no_supervise, monitor=not args.no_monitor,
                    analytics_restarts=args.analytics_restarts)  # fmt: skip
     if args.dry_run:
         print(render_job(spec), end="")
@@ -252,6 +253,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--no-supervise", action="store_true",
                     help="run the analytics as is (default: insitu analytics --supervise restarts it)")  # fmt: skip
     la.add_argument("--analytics-restarts", type=int, default=3, help="restarts of a supervised analytics")
+    la.add_argument("--no-monitor", action="store_true",
+                    help="no insitu monitor in the job (default: on the first node, the job prints the ssh -L line)")
     la.add_argument("--time", default="00:30:00")
     la.add_argument("--step-bytes", type=int, default=64 << 20, help="bytes one node sends per step")
     la.add_argument("--window", type=int, default=2)
@@ -290,6 +293,14 @@ def _parser() -> argparse.ArgumentParser:
     ss.add_argument("--interval", type=float, default=1.0)
     ss.set_defaults(fn=lambda a: __import__("insitu.status").status.main_status(a.run, a.address, a.json, a.follow,
                                                                                 a.interval))  # fmt: skip
+    mo = command("monitor", "a live web page of a run, served by supervised modules (needs insitu[monitor])")
+    mo.add_argument("--run", default=None, help="run name (default INSITU_RUN)")
+    mo.add_argument("--address", default=None, help="Ray address (default INSITU_ADDRESS)")
+    mo.add_argument("--host", default="127.0.0.1", help="address to listen on; off loopback a token is required")
+    mo.add_argument("--port", type=int, default=8267, help="port (0: any free one; default 8267)")
+    mo.add_argument("--module", action="append", default=[], metavar="NAME=PKG.MOD:FN@/api/ROUTE[,...]",
+                    help="one more supervised module serving the given routes (repeatable)")
+    mo.set_defaults(fn=_monitor)
     an = command("analytics", "run an analytics script; with --supervise, restart it when it dies or hangs")
     an.add_argument("--supervise", action="store_true", help="restart the analytics when it fails (see --help)")
     an.add_argument("--max-restarts", type=int, default=3, help="restarts after the first start (default 3)")
@@ -306,6 +317,24 @@ def _parser() -> argparse.ArgumentParser:
     i = command("debug-info", "versions of everything, for bug reports")
     i.set_defaults(fn=lambda _: (__import__("insitu").print_debug_info(), 0)[1])
     return p
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from insitu.config import resolve_run
+
+    try:
+        from insitu.monitor.server import parse_module, serve
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"insitu monitor needs {exc.name}: pip install 'insitu[monitor]'") from None
+    config = Config.from_env()
+    config = config.replace(address=args.address or config.address)
+    run = resolve_run(args.run, config)
+    config.require_address()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s insitu monitor %(levelname)s %(message)s")
+    extra = [parse_module(m) for m in args.module]
+    return asyncio.run(serve(run, config, args.host, args.port, extra))
 
 
 def _analytics(args: argparse.Namespace) -> int:

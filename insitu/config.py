@@ -140,6 +140,15 @@ class Config:
     previous_stderr
         Set by the supervisor (``INSITU_PREVIOUS_STDERR``): a file holding the last stderr lines of
         the incarnation before this one, handed to the head at attach (``insitu status``).
+    monitor_health_interval
+        ``insitu monitor``: seconds between two health checks of a module
+        (``INSITU_MONITOR_HEALTH_INTERVAL``).
+    monitor_heartbeat_deadline
+        ``insitu monitor``: seconds a module's event loop has to answer a health check before
+        it counts as hung (``INSITU_MONITOR_HEARTBEAT_DEADLINE``).
+    monitor_max_restarts
+        ``insitu monitor``: restarts of a module before its routes answer 503 for good
+        (``INSITU_MONITOR_MAX_RESTARTS``).
     """
 
     address: str | None = None
@@ -168,6 +177,9 @@ class Config:
     restarts_left: int = -1
     restart_grace: float = 120.0
     previous_stderr: str = ""
+    monitor_health_interval: float = 1.0
+    monitor_heartbeat_deadline: float = 5.0
+    monitor_max_restarts: int = 5
 
     def __post_init__(self) -> None:
         for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)):
@@ -239,6 +251,11 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ConfigError(f"{name} ({env}) must be >= 1; got {number}")
         return number
+    if name == "monitor_max_restarts":
+        try:
+            return max(0, int(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} ({env}) must be an integer >= 0; got {value!r}") from None
     if name == "restarts_left":
         try:
             return max(-1, int(value))
@@ -246,7 +263,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} ({env}) must be an integer; got {value!r}") from None
     if name in ("deadline", "startup_deadline", "reclaim_deadline", "restart_grace", "compute_cpus") or name.startswith(
         "pool_"
-    ):
+    ) or name in ("monitor_health_interval", "monitor_heartbeat_deadline"):
         try:
             real = float(value)
         except (TypeError, ValueError):

@@ -226,6 +226,7 @@ class JobSpec:
     job_name: str = "insitu"
     supervise: bool = True  # the analytics runs under ``insitu analytics --supervise``
     analytics_restarts: int = 3
+    monitor: bool = True  # ``insitu monitor`` on the first node; the job prints the ``ssh -L`` line
 
     def __post_init__(self) -> None:
         if self.placement not in ("colocated", "dedicated"):
@@ -261,6 +262,8 @@ def render_job(spec: JobSpec) -> str:
         f"export INSITU_PLACEMENT={spec.placement}",
         f"export INSITU_SUPERVISE={int(spec.supervise)}",
         f"export INSITU_ANALYTICS_RESTARTS={spec.analytics_restarts}",
+        f"export INSITU_MONITOR={int(spec.monitor)}",
+        "export INSITU_MONITOR_PORT=${INSITU_MONITOR_PORT:-0}",
         f"export INSITU_SIM_NODES={sim_nodes}",
         f"export INSITU_RANKS_PER_NODE={spec.ranks_per_node}",
         f"export INSITU_RAY_CPUS={spec.ray_cpus}",

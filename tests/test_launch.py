@@ -74,6 +74,13 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
     assert slices == {"127.0.0.20": ["insitu_slice_0"], "127.0.0.21": ["insitu_slice_0"],
                       "127.0.0.22": ["insitu_slice_1"]}  # fmt: skip
     assert "torn down (exit 0)" in log
+    # the monitor ran on the first node's loopback; the job printed how to reach it from a login node
+    mon = re.search(r"monitor: from a login node, ssh -N -L (\d+):127\.0\.0\.1:(\d+) \S+, then open "
+                    r"http://127\.0\.0\.1:(\d+)/", log)  # fmt: skip
+    assert mon and len(set(mon.groups())) == 1, log
+    monitor_log = (job_dir / "monitor.log").read_text()
+    assert f"at http://127.0.0.1:{mon.group(1)}/" in monitor_log, monitor_log
+    assert "module status: incarnation 1 ready" in monitor_log, monitor_log
     # the submit directory holds the job's logs and nothing a node reads (no token, no markers)
     assert sorted({p.suffix for p in job_dir.iterdir()}) == [".log"], sorted(job_dir.iterdir())
     assert_clean(slurm, job)

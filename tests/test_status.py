@@ -58,8 +58,12 @@ def test_status_of_a_live_run(cluster: Any) -> None:
     assert c["completed"] is not None and c["lag"] == doc["steps"]["last"] - c["completed"] >= 0
     assert [r["rank"] for r in doc["ranks"]] == [0, 1, 2, 3]
     assert all(r["calls"] >= 1 and r["send_p50_ms"] > 0 and r["send_p95_ms"] >= r["send_p50_ms"] for r in doc["ranks"])
-    # every rank skipped the same steps (agreed), for the reason it names
-    assert len({r["skipped"] for r in doc["ranks"]}) == 1 and doc["skipped"] >= 1
+    # the ranks' counts, read from two node actors one after the other while steps go on, may differ
+    # by the steps between the reads; the ranks agree on the steps they skip (their own final counts)
+    skipped = [r["skipped"] for r in doc["ranks"]]
+    assert min(skipped) >= 1 and max(skipped) - min(skipped) <= 2 and doc["skipped"] == max(skipped), skipped
+    finals = {e["skipped"] for e in result.one("done").values()}
+    assert len(finals) == 1 and finals.pop() >= max(skipped), result.one("done")
     assert doc["drop_reasons"] == ["back-pressure skip: 1 steps in flight"], doc["drop_reasons"]
     assert text.returncode == 0 and "consumers:" in text.stdout and "rank 3: send p50" in text.stdout, text.stdout
 

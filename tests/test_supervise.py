@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -158,3 +160,71 @@ def test_sigterm_to_the_supervisor_leaves_nothing(cluster: Any) -> None:
             state = "reclaimed"
         time.sleep(0.2)
     assert state != "ATTACHED"
+
+
+def _child(supervisor: subprocess.Popen[str]) -> int | None:
+    """The supervisor's current analytics process."""
+    from pathlib import Path
+
+    found = [int(p) for t in Path(f"/proc/{supervisor.pid}/task").iterdir()
+             for p in (t / "children").read_text().split()]  # fmt: skip
+    return found[0] if found else None
+
+
+def test_heat2d_with_its_analytics_killed_three_times(cluster: Any, tmp_path: Any) -> None:
+    """heat2d, 300 steps on 4 ranks, heat_stats under supervision SIGKILLed three times: it finishes;
+    every step it analysed has the statistics of the simulation's own field, across its four
+    incarnations (a restart resumes stats.jsonl); the gaps are the steps the simulation dropped."""
+    import time
+
+    import numpy as np
+
+    from tests.conftest import HEAT2D_PY, HEAT_STATS, mpi_command
+
+    run, dump, out = run_name("heat3kill"), tmp_path / "dump", tmp_path / "out"
+    env = {**os.environ, **cluster.environment(), "INSITU_DEADLINE": "60", "INSITU_RUN": run}
+    ana = [sys.executable, "-m", "insitu", "analytics", "--supervise", "--max-restarts", "3", str(HEAT_STATS),
+           "--out", str(out), "--plot-every", "0", "--print-every", "1000"]  # fmt: skip
+    heat = [sys.executable, str(HEAT2D_PY), "--nx", "32", "--ny", "32", "--steps", "300", "--sleep", "0.15",
+            "--dump", str(dump)]  # fmt: skip
+    logs = {name: (tmp_path / f"{name}.out").open("w+") for name in ("sup", "sim", "sim-err")}
+    sup = subprocess.Popen(ana, env=env, stdout=subprocess.DEVNULL, stderr=logs["sup"], text=True,
+                           start_new_session=True)  # fmt: skip
+    sim = subprocess.Popen(mpi_command(4, cluster.node_ips, heat), env=env, stdout=logs["sim"],
+                           stderr=logs["sim-err"], text=True, start_new_session=True)  # fmt: skip
+    lines = out / "stats.jsonl"
+
+    def analysed() -> int:
+        return lines.read_text().count("\n") if lines.exists() else 0
+
+    try:
+        killed: list[int] = []
+        end = time.monotonic() + 200
+        while len(killed) < 3 and sim.poll() is None and time.monotonic() < end:
+            child = _child(sup)
+            if child is not None and child not in killed and analysed() >= 10 + 25 * len(killed):
+                os.kill(child, signal.SIGKILL)
+                killed.append(child)
+            time.sleep(0.1)
+        assert len(killed) == 3, f"only {len(killed)} kills before the simulation ended"
+        sim.wait(timeout=200)
+        sup.wait(timeout=120)
+    finally:
+        for proc in (sim, sup):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for fh in logs.values():
+            fh.close()
+    sim_out, sim_err, err = ((tmp_path / f"{name}.out").read_text() for name in ("sim", "sim-err", "sup"))
+    assert sim.returncode == 0, sim_err[-3000:]
+    assert sup.returncode == 0 and "restart 3 of 3" in err, err[-3000:]
+    stats = {int(k): v for k, v in json.loads((out / "stats.json").read_text())["stats"].items()}
+    for step, s in stats.items():  # correct for every step analysed, by any incarnation
+        field = np.load(dump / f"step{step:05d}.npy")
+        assert (s["min"], s["mean"], s["max"]) == pytest.approx((field.min(), field.mean(), field.max())), step
+    steps = sorted(stats)
+    runs = 1 + sum(1 for a, b in zip(steps, steps[1:], strict=False) if b != a + 1)
+    assert steps[0] == 0 and steps[-1] == 299 and runs == 4, steps  # four incarnations, three gaps
+    dropped = int(re.search(r"dropped (\d+)", sim_out).group(1))  # type: ignore[union-attr]
+    assert dropped >= 3 and len(steps) + dropped <= 300, (len(steps), dropped)

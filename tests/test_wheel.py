@@ -56,8 +56,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     constraints.write_text("".join(f"{line}\n" for line in freeze.splitlines()
                                    if "==" in line and not line.lower().startswith("insitu==")))  # fmt: skip
     python = venv / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), f"{wheel}[mpich,plot]"], pip_env, base,
-         timeout=600)  # fmt: skip
+    _run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), f"{wheel}[mpich,plot,monitor]"],
+         pip_env, base, timeout=600)  # fmt: skip
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(base)), "LANG": "C.UTF-8",
            "XDG_CACHE_HOME": str(base / "cache"), "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
     return {"venv": venv, "bin": venv / "bin", "python": str(python), "insitu": str(venv / "bin" / "insitu"),
@@ -83,13 +83,36 @@ def test_the_installed_package_is_the_wheel_in_the_fresh_venv(installed: dict[st
     shipped = {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
     assert {"c/include/insitu.h", "c/include/insitu_stub.h", "c/src/insitu.c", "fortran/insitu.f90",
             "launch/insitu.sbatch", "launch/insitu_node.sh", "examples/python/heat2d.py", "examples/c/heat2d.c",
-            "examples/fortran/heat2d.f90", "analytics/heat_stats.py"} <= shipped  # fmt: skip
+            "examples/fortran/heat2d.f90", "analytics/heat_stats.py", "monitor/index.html"} <= shipped  # fmt: skip
 
 
 def test_python_m_insitu_is_the_command(installed: dict[str, Any]) -> None:
     proc = _run([installed["python"], "-m", "insitu", "--help"], installed["env"], installed["work"])
-    for command in ("demo", "config", "launch", "steer", "build-shim", "debug-info"):
+    for command in ("demo", "config", "launch", "steer", "build-shim", "debug-info", "status", "monitor", "analytics"):
         assert command in proc.stdout
+
+
+def test_insitu_monitor_from_the_wheel_serves_its_page_and_modules(installed: dict[str, Any]) -> None:
+    """The page ships in the wheel and the modules start from it (no cluster needed to serve the page)."""
+    import signal
+    import urllib.request
+
+    env = {**installed["env"], "INSITU_ADDRESS": "127.0.0.1:9"}  # nothing listens: the modules show it
+    proc = subprocess.Popen([installed["insitu"], "monitor", "--run", "w", "--port", "0"], env=env,
+                            cwd=installed["work"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = re.search(r"at (http://\S+/)", proc.stdout.readline()).group(1)  # type: ignore[union-attr]
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            assert resp.status == 200 and b"insitu run" in resp.read()
+        with urllib.request.urlopen(url + "api/status", timeout=60) as resp:
+            doc = json.loads(resp.read())
+        assert doc["run"] == "w" and doc["state"] in ("waiting", "unknown"), doc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
 
 
 def test_build_shim_and_config_use_the_user_cache_not_site_packages(installed: dict[str, Any]) -> None:

@@ -39,9 +39,20 @@ from typing import Any
 
 from insitu.messages import AnalyticsState, StepData
 
-__all__ = ["Consumer", "ConsumerBook", "ConsumerState"]
+__all__ = ["OBSERVER_QUEUE", "Consumer", "ConsumerBook", "ConsumerKind", "ConsumerState"]
 
 NO_STEP = -(2**62)
+OBSERVER_QUEUE = 2
+"""Steps queued at most for an observer (older ones are replaced by newer: it sees the latest)."""
+
+
+class ConsumerKind(enum.StrEnum):
+    """What a consumer is. An observer (``MONITOR``) never holds the simulation back: it is not
+    counted in back-pressure, in the failure policy or as the run's first consumer, it queues at
+    most :data:`OBSERVER_QUEUE` steps (the latest), and its death is only its own."""
+
+    ANALYTICS = "analytics"
+    MONITOR = "monitor"
 
 
 class ConsumerState(enum.IntEnum):
@@ -75,6 +86,11 @@ class Consumer:
     stderr_tail: str = ""
     """Its last stderr lines, handed over by its restarted successor (supervised analytics)."""
 
+    @property
+    def observer(self) -> bool:
+        """A monitor's reader: sees the latest steps, holds nothing back (:class:`ConsumerKind`)."""
+        return self.kind == ConsumerKind.MONITOR
+
     def share(self, data: StepData) -> StepData:
         """``data`` restricted to the arrays this consumer reads (it holds no other chunk)."""
         return StepData(data.step, tuple(p for p in data.parts if p[0] in self.windows))
@@ -100,8 +116,12 @@ class ConsumerBook:
 
     # -- membership ----------------------------------------------------------------------
     def attached(self) -> list[Consumer]:
-        """Consumers currently attached."""
-        return [c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED]
+        """Consumers currently attached, observers excepted."""
+        return [c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED and not c.observer]
+
+    def had_consumers(self) -> bool:
+        """Whether a consumer other than an observer ever attached."""
+        return any(not c.observer for c in self.consumers.values())
 
     def attach(self, kind: str, windows: dict[str, int], now: float, restarts: int = -1,
                grace: float = 0.0) -> Consumer:  # fmt: skip
@@ -110,8 +130,12 @@ class ConsumerBook:
         ``restarts``/``grace``: a supervised consumer (restarts its supervisor has left after it,
         seconds to wait for the restart); see :meth:`leave`.
         """
-        first = not self.consumers
         c = Consumer(len(self.consumers) + 1, kind, dict(windows), now, restarts=restarts, grace=grace)
+        if c.observer:  # starts at the next step; takes nothing from the backlog, changes no policy
+            c.completed = self.last_step
+            self.consumers[c.id] = c
+            return c
+        first = not self.had_consumers()
         self.restart_until = None
         if first:
             c.ready.extend(c.share(d) for d in self._backlog)
@@ -146,6 +170,8 @@ class ConsumerBook:
         c.state = state
         c.failure = failure
         c.ready.clear()
+        if c.observer:
+            return c
         if state == ConsumerState.FAILED:
             self.failures += 1
             self.last_failure = failure
@@ -174,7 +200,12 @@ class ConsumerBook:
     def deliver(self, data: StepData) -> None:
         """A complete step: queue it for every attached consumer and retain it."""
         self.last_step = max(self.last_step, data.step)
-        if not self.consumers:
+        for c in self.consumers.values():
+            if c.observer and c.state == ConsumerState.ATTACHED and any(p[0] in c.windows for p in data.parts):
+                c.ready.append(c.share(data))
+                while len(c.ready) > OBSERVER_QUEUE:
+                    c.ready.popleft()
+        if not self.had_consumers():
             self._backlog.append(data)  # the run's first consumer gets every step
             return
         for c in self.attached():
@@ -200,7 +231,7 @@ class ConsumerBook:
         att = self.attached()
         if att:
             return min(c.completed for c in att)
-        return self.last_step if self.consumers else NO_STEP
+        return self.last_step if self.had_consumers() else NO_STEP
 
     def sim_state(self) -> AnalyticsState:
         """What the ranks are told: attached while any consumer is (unless policy ``raise`` saw a failure)."""
@@ -224,7 +255,7 @@ class ConsumerBook:
     def _window(self, array: str) -> int:
         """Largest window over ``array`` of any consumer the run had: a consumer that died keeps
         its windows retained, so an analytics restarted after a crash finds them refilled."""
-        return max((c.windows.get(array, 0) for c in self.consumers.values()), default=0)
+        return max((c.windows.get(array, 0) for c in self.consumers.values() if not c.observer), default=0)
 
     def _prune(self) -> None:
         for array, q in self._retained.items():

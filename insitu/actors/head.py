@@ -247,7 +247,7 @@ class HeadActor:
                 "polling_age_s": round(now - c.last_poll, 3),
             })  # fmt: skip
         held = {a: len(q) for a, q in book.retained_steps().items()}
-        for c in book.attached():
+        for c in (c for c in book.consumers.values() if c.state == ConsumerState.ATTACHED):
             for a in c.windows:
                 queued = sum(1 for d in c.ready if any(p[0] == a for p in d.parts))
                 held[a] = held.get(a, 0) + queued
@@ -301,7 +301,7 @@ class HeadActor:
 
     def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...],
                    part: tuple[str, ...] | None = None) -> None:  # fmt: skip
-        if self._end is not None or (self._book.consumers and not self._book.attached()):
+        if self._end is not None or (self._book.had_consumers() and not self._book.attached()):
             return  # dropped: nobody will read it
         key = (step, part)  # one entry per call of the simulation (arrays at their own cadence)
         have = self._partial.setdefault(key, {})
@@ -403,9 +403,10 @@ class HeadActor:
         self._leave(cid, ConsumerState.FAILED, f"the {self._book.consumers[cid].kind} process (consumer {cid}) died")
 
     def _leave(self, cid: int, state: ConsumerState, message: str = "") -> None:
-        if self._book.leave(cid, state, message, time.monotonic()) is None:
+        left = self._book.leave(cid, state, message, time.monotonic())
+        if left is None:
             return
-        if not self._book.attached():
+        if not left.observer and not self._book.attached():
             self._partial.clear()
         self._push()
         self._wake()
@@ -576,11 +577,11 @@ class HeadActor:
         grace = self._cfg.reclaim_deadline
         book = self._book
         attached = book.attached()
-        gone = bool(book.consumers) and not attached
+        gone = book.had_consumers() and not attached
         if self._end is not None and self._ended_at is not None:
             if gone:
                 return "both sides are done"
-            if not book.consumers and now - self._ended_at > grace:
+            if not book.had_consumers() and now - self._ended_at > grace:
                 return f"no analytics attached within {grace:.0f} s of the simulation's end"
             idle = [c for c in attached if not c.polling and now - max(c.last_poll, self._ended_at) > grace]
             if attached and len(idle) == len(attached):
@@ -588,7 +589,7 @@ class HeadActor:
             return ""
         if self._sim is None and gone:
             return "the analytics left before any simulation registered"
-        if self._sim is None and not book.consumers and now - self._created > grace:
+        if self._sim is None and not book.had_consumers() and now - self._created > grace:
             return f"nobody attached within {grace:.0f} s"
         return ""
 

@@ -198,6 +198,29 @@ def bar(done: int, total: int | None, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
 
 
+def resume_lines(path: Path, stats: dict[int, dict[str, float]]) -> TextIO:
+    """Load the complete lines of an earlier incarnation's ``stats.jsonl`` into ``stats``, drop a
+    line cut short by its death, and open the file for appending.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "stats.jsonl"
+    >>> _ = path.write_text('{"step": 0, "min": 1.0}\\n{"step": 1, "mi')
+    >>> stats = {}
+    >>> resume_lines(path, stats).close()
+    >>> stats, path.read_text()
+    ({0: {'min': 1.0}}, '{"step": 0, "min": 1.0}\\n')
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    complete = text[: text.rfind("\n") + 1]
+    for line in complete.splitlines():
+        record = json.loads(line)
+        stats[int(record.pop("step"))] = record
+    path.write_text(complete, encoding="utf-8")
+    return path.open("a", encoding="utf-8")
+
+
 def append_line(fh: TextIO, step: int, values: dict[str, float]) -> None:
     """Append one step's statistics to ``stats.jsonl`` and flush it.
 
@@ -253,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     stats: dict[int, dict[str, float]] = {}
     started = time.monotonic()
     stop_sent: list[int] = []
-    lines = (args.out / "stats.jsonl").open("w", encoding="utf-8")
+    # a supervised restart resumes the statistics of the incarnations before it
+    lines = resume_lines(args.out / "stats.jsonl", stats) if analytics.restarted else (
+        (args.out / "stats.jsonl").open("w", encoding="utf-8"))  # fmt: skip
 
     # callbacks of a step run in the order they are registered: the derivative first, so that
     # the summary finds it and writes the step's complete line

@@ -18,6 +18,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--alpha", type=float, default=0.2, help="diffusion number (stable below 0.25)")
     p.add_argument("--dump", type=Path, default=None, help="test aid: rank 0 saves the global field per step here")
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds per step spent idle (paces a demo or a test)")
     args = p.parse_args(argv)
 
     world = MPI.COMM_WORLD
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.dump.mkdir(parents=True, exist_ok=True)
                     np.save(args.dump / f"step{step:05d}.npy", field)
             last = step
+            if args.sleep:
+                time.sleep(args.sleep)
             if bridge.get("stop"):
                 break
         stats = bridge.stats

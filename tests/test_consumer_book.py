@@ -1,0 +1,47 @@
+"""Unit tests of the head's consumer book: observers (a monitor's snapshot reader) hold nothing back."""
+
+from __future__ import annotations
+
+from insitu.actors.consumers import OBSERVER_QUEUE, ConsumerBook, ConsumerKind, ConsumerState
+from insitu.messages import AnalyticsState, StepData
+
+
+def _step(s: int, *arrays: str) -> StepData:
+    return StepData(s, tuple((a, "node-a", f"{a}{s}") for a in arrays or ("u",)))
+
+
+def test_an_observer_attached_first_leaves_the_backlog_to_the_first_analytics() -> None:
+    book = ConsumerBook()
+    watcher = book.attach(ConsumerKind.MONITOR, {"u": 1}, now=0.0)
+    for s in range(5):
+        book.deliver(_step(s))
+    assert [d.step for d in watcher.ready] == list(range(5 - OBSERVER_QUEUE, 5))  # the latest only
+    assert book.sim_state() == AnalyticsState.PENDING
+    analytics = book.attach(ConsumerKind.ANALYTICS, {"u": 1}, now=1.0)
+    assert [d.step for d in analytics.ready] == [0, 1, 2, 3, 4]  # every step so far, as without a monitor
+    assert book.sim_state() == AnalyticsState.ATTACHED
+
+
+def test_an_observer_is_not_counted_in_back_pressure_nor_in_the_failure_policy() -> None:
+    book = ConsumerBook(raise_on_failure=True)
+    analytics = book.attach(ConsumerKind.ANALYTICS, {"u": 1}, now=0.0)
+    watcher = book.attach(ConsumerKind.MONITOR, {"u": 1}, now=0.0)
+    for s in range(4):
+        book.deliver(_step(s))
+        book.done(analytics.id, s)
+    assert book.completed() == 3  # the observer finished nothing and holds nothing back
+    book.leave(watcher.id, ConsumerState.FAILED, "the monitor process died", now=1.0)
+    assert (book.failures, book.sim_state()) == (0, AnalyticsState.ATTACHED)
+    book.leave(analytics.id, ConsumerState.FAILED, "boom", now=2.0)
+    assert (book.failures, book.sim_state()) == (1, AnalyticsState.FAILED)
+
+
+def test_an_observer_gets_only_the_arrays_it_reads_and_no_windows_are_retained_for_it() -> None:
+    book = ConsumerBook()
+    analytics = book.attach(ConsumerKind.ANALYTICS, {"u": 1}, now=0.0)
+    watcher = book.attach(ConsumerKind.MONITOR, {"v": 3}, now=0.0)
+    book.deliver(_step(0, "u"))
+    book.deliver(_step(1, "u", "v"))
+    book.done(analytics.id, 1)
+    assert [(d.step, [p[0] for p in d.parts]) for d in watcher.ready] == [(1, ["v"])]
+    assert book.retained_steps().get("v", []) == []  # an observer's window keeps nothing in the store
