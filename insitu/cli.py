@@ -84,26 +84,33 @@ def _demo(args: argparse.Namespace) -> int:
                "--print-every", str(args.print_every)]  # fmt: skip
         sim = [py, str(heat2d), "--nx", str(args.nx), "--ny", str(args.ny),
                "--steps", str(args.steps)]  # fmt: skip
+        # the run driver, started here as the batch script does (not spawned by rank 0 in its own
+        # session), so that the demo ends it with everything else
+        driver = [py, "-m", "insitu.driver", "--run", run, "--create-head"]
         try:
+            with open(out / "driver.log", "wb") as log:
+                procs.append(subprocess.Popen(driver, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+            _wait_driver(run, env, procs[-1])
             procs.append(subprocess.Popen(ana, env=env))
             procs.append(subprocess.Popen(mpiexec_mpmd(args.ranks, cluster.node_ips, sim), env=env))
             end = time.monotonic() + args.deadline + args.steps
             codes = []
-            for p in procs:
+            for p in procs[1:]:  # the analytics and the simulation; the driver waits for the run's end
                 codes.append(p.wait(timeout=max(1.0, end - time.monotonic())))
         except subprocess.TimeoutExpired:
             print("insitu demo: timed out waiting for the simulation and analytics", file=sys.stderr)
             codes = [1]
-        finally:  # SIGTERM first (mpiexec forwards it to the ranks), then SIGKILL after 10 s
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        finally:  # SIGTERM (mpiexec forwards it to the ranks), SIGKILL after 10 s; the driver last
+            for group in (procs[:0:-1], procs[:1]):
+                for p in group:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in group:
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
     snapshots = sorted(out.glob("temperature_*.png"))
     series = "and timeseries.png" if (out / "timeseries.png").exists() else "(no plots: pip install 'insitu[plot]')"
     ok = all(c == 0 for c in codes)
@@ -111,6 +118,18 @@ def _demo(args: argparse.Namespace) -> int:
           f"{series}, stats in {out / 'stats.json'} (per step: stats.jsonl); cluster torn down",
           flush=True)  # fmt: skip
     return 0 if ok else 1
+
+
+def _wait_driver(run: str, env: dict[str, str], proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until the run driver the demo started listens (so that rank 0 finds it, not spawns another)."""
+    from insitu.driver import listening
+
+    namespace = Config.from_env(env).namespace
+    end = time.monotonic() + timeout
+    while not listening(run, namespace):
+        if proc.poll() is not None or time.monotonic() > end:
+            raise ConfigError(f"the run driver of the demo did not start (exit status {proc.poll()}; see driver.log)")
+        time.sleep(0.05)
 
 
 def _config(args: argparse.Namespace) -> int:

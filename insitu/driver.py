@@ -59,6 +59,16 @@ def driver_address(run: str, namespace: str) -> str:
     return "\0" + name
 
 
+def listening(run: str, namespace: str) -> bool:
+    """Whether a driver of ``run`` listens on this host (its abstract socket is bound; Linux)."""
+    name = "@" + driver_address(run, namespace)[1:]
+    try:
+        table = Path("/proc/net/unix").read_text()
+    except OSError:
+        return False
+    return any(line.split()[-1] == name for line in table.splitlines()[1:] if len(line.split()) >= 8)
+
+
 def _spawn(run: str, config: Config, idle: float) -> tuple[int, Path]:
     """Start the driver through a short-lived intermediate (``--detach``), which starts it in
     a new session and exits at once: the rank keeps no child process, so nothing of the

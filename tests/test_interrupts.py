@@ -44,9 +44,10 @@ def test_a_signal_to_insitu_demo_mid_run_tears_down_everything_it_started(tmp_pa
         address = found[1] if found else ""
     assert address, "the demo did not bring its cluster up"
     end = time.monotonic() + 120
-    while time.monotonic() < end and not (tmp_path / "stats.jsonl").exists():
+    stats = tmp_path / "stats.jsonl"
+    while time.monotonic() < end and not (stats.exists() and stats.read_text().count("\n")):
         time.sleep(0.5)
-    assert (tmp_path / "stats.jsonl").exists(), "the demo's analytics never computed a step"
+    assert stats.exists() and stats.read_text().count("\n"), "the demo's analytics never computed a step"
     assert _processes_mentioning(address), "the demo's raylets should be running now"
     ranks = _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")
     assert any("heat2d.py" in r for r in ranks), "the demo's simulation ranks should be running now"
