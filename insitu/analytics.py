@@ -11,7 +11,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,43 +30,13 @@ from insitu.errors import (
     StepTimeoutError,
 )
 from insitu.messages import Attached, EndReason, RunEnd, RunInfo, StepData, Waiting
+from insitu.outcome import BlockRef, RunSummary, lost_node_end
 from insitu.process import Route, acquire_ray, check_cluster, register, release_ray
 
 __all__ = ["Analytics", "BlockRef", "RunSummary"]
 
 log = logging.getLogger(__name__)
 _POLL = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class RunSummary:
-    """What :meth:`Analytics.run` saw."""
-
-    steps: int
-    """Steps that carried any array this analytics reads (a step sent in several calls counts once)."""
-    last_step: int | None
-    """The last such step."""
-    reason: EndReason
-    handled: dict[str, int] = field(default_factory=dict)
-    """Exceptions each callback's ``on_error`` handled (by callback name)."""
-    incarnation: int = 0
-    """This analytics' consumer number in the run (attach order, from 1; higher after a restart)."""
-    resumed_after: int | None = None
-    """Attached after a consumer failed (e.g. restarted by ``insitu analytics --supervise``): the last
-    step the failed one finished. The steps between it and this analytics' first are the gap; the
-    simulation counts them (``bridge.stats.dropped``)."""
-    dropped_before_attach: int | None = None
-    """For such an analytics: the steps the simulation had dropped when it attached (every gap so
-    far; steps dropped after the attach, until the ranks learn of it, count in the next figure)."""
-
-
-@dataclass(frozen=True)
-class BlockRef:
-    """One block of a step's array: ``ray.get(ref)[index]`` is the block; ``node`` holds it."""
-
-    ref: Any
-    index: int
-    node: str
 
 
 @dataclass
@@ -488,6 +458,7 @@ class Analytics:
             try:
                 self._call_handled(cb, data.step, kwargs)
             except Exception as exc:
+                self._raise_if_node_lost(exc)
                 message = (
                     f"callback {cb.fn.__name__} failed at step {data.step} on array(s) "
                     f"{', '.join(cb.arrays)}: {type(exc).__name__}: {exc}"
@@ -505,6 +476,13 @@ class Analytics:
         # Dask's and Ray's futures can keep a step's refs in reference cycles: collect them now,
         # so a chunk is released when the last window over its array passes it (retention rule)
         gc.collect(1)
+
+    def _raise_if_node_lost(self, exc: BaseException) -> None:
+        """A callback that failed because a node of the run was lost raises that, not a callback failure."""
+        got = lost_node_end(self._head, exc)
+        if got is not None:
+            self._run_over(got.message)
+            raise NodeLostError(got.message) from exc
 
     def _call_handled(self, cb: _Callback, step: int, kwargs: dict[str, list[Any]]) -> None:
         """The callback (its ``.compute()`` finds our scheduler through the router), errors to its handler."""

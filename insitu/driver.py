@@ -41,6 +41,7 @@ from insitu.config import Config, FailurePolicy
 from insitu.errors import ContractError, InsituError
 from insitu.layout import ArraySpec, validate_layout
 from insitu.messages import AbortRun, DriverHello, DriverRefused, RegisterRun, RunRegistered, SimInfo
+from insitu.reach import listens
 from insitu.transport import RankChannel
 
 __all__ = ["connect_driver", "driver_address", "main", "register_run", "serve"]
@@ -194,7 +195,7 @@ class _Driver:
             setup = max(self.config.deadline, self.config.startup_deadline)
             end = time.monotonic() + setup
             while True:  # raylets may still be joining when a launcher starts the ranks
-                if not _reachable(self.config.address or ""):
+                if not listens(self.config.address or ""):
                     self.failed = True
                     return DriverRefused(f"the Ray cluster at {self.config.address} went away during set-up")
                 rank_nodes, problems = resolve_nodes(msg.node_settings)
@@ -240,7 +241,7 @@ class _Driver:
         import ray
 
         assert self.config is not None
-        if self.config.address and not _reachable(self.config.address):
+        if self.config.address and not listens(self.config.address):
             return False
         try:
             ray.get(self.head.ping.remote(), timeout=10)
@@ -301,16 +302,6 @@ def register_run(
             return ("ok", layouts, list(m.rank_nodes), m.addresses)
     what = "closed the connection" if driver.closed else f"did not answer within {2 * setup + 30:.0f} s"
     return ("error", f"the run driver of run {run!r} {what} during registration")
-
-
-def _reachable(address: str, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at ``host:port`` (the cluster's GCS)."""
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def serve(run: str, namespace: str, idle: float, config: Config | None = None) -> int:

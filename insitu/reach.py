@@ -20,6 +20,7 @@ Examples
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -28,6 +29,7 @@ from typing import Any
 from insitu.errors import ConfigError
 
 __all__ = [
+    "listens",
     "HEAD_RESOURCE",
     "REMOTE_RESOURCE",
     "NodeRole",
@@ -58,6 +60,22 @@ class Route(Enum):
 
     DIRECT = "direct"
     RELAY = "relay"
+
+
+def listens(address: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (a GCS, a raylet's node manager).
+
+    Examples
+    --------
+    >>> listens("127.0.0.1:1", timeout=0.5)
+    False
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def reachable(src: NodeRole, dst: NodeRole, same_node: bool = False) -> bool:

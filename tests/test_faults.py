@@ -146,3 +146,56 @@ def test_a_lost_head_is_named_by_the_analytics_and_the_simulation_finishes(clust
         sent = [e["step"] for e in events if e["event"] == "sent"]
         dropped = [e["step"] for e in events if e["event"] == "dropped"]
         assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 400))
+
+
+def _raylet_pid(base_dir: str, ip: str) -> int:
+    """The raylet process of the private cluster under ``base_dir`` serving ``ip``."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if cmd and cmd[0].endswith(b"/raylet") and f"--node_ip_address={ip}".encode() in cmd \
+                and any(base_dir.encode() in part for part in cmd):  # fmt: skip
+            return int(proc.name)
+    raise AssertionError(f"no raylet for {ip} under {base_dir}")
+
+
+def test_a_lost_raylet_is_named_by_the_analytics_and_the_simulation() -> None:
+    """SIGKILL to the second node's raylet (as the OOM killer would) mid-run, on a private cluster: the
+    analytics ends with NodeLostError saying the raylet is gone and naming the node; the simulation warns
+    once naming the node, drops the later steps and finishes."""
+    with LocalCluster(nodes=2, cpus_per_node=2) as c:
+        assert c.base_dir is not None
+        run = run_name("rayletlost")
+        env = {**os.environ, **c.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "20"}
+        ana_cmd = [sys.executable, str(ROOT / "tests/sims/ana.py"), json.dumps({"run": run})]
+        ana = subprocess.Popen(ana_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+        try:
+            sim = start_sim(c, 4, {"run": run, "steps": 200, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
+            end = time.monotonic() + 120
+            while _sent(sim) < 5 and time.monotonic() < end:
+                time.sleep(0.2)
+            assert _sent(sim) >= 5, "the simulation did not start sending"
+            os.kill(_raylet_pid(c.base_dir, c.node_ips[1]), signal.SIGKILL)
+            lost_at = time.monotonic()
+            result = finish_sim(sim, timeout=120)
+            _, err = ana.communicate(timeout=120)
+        finally:
+            if ana.poll() is None:
+                ana.kill()
+                ana.wait()
+    assert time.monotonic() - lost_at < 90
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ana.returncode != 0 and "NodeLostError: the raylet (node manager " in err, err[-3000:]
+    assert f"refuses connections) and with it the insitu node process of node {c.node_ips[1]} " in err, err[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    for rank in range(4):
+        events = [e for e in result.events if e["rank"] == rank]
+        sent = [e["step"] for e in events if e["event"] == "sent"]
+        dropped = [e["step"] for e in events if e["event"] == "dropped"]
+        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 200))

@@ -245,6 +245,46 @@ class ConsumerBook:
         """Steps the head retains, per array (for tests and ``stats``)."""
         return {a: [s for s, _ in q] for a, q in self._retained.items()}
 
+    def describe(self, now: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """For ``insitu status``: each consumer's figures, and the steps held per array (retained for
+        windows, or queued for an attached consumer)."""
+        last = None if self.last_step == NO_STEP else self.last_step
+        consumers = []
+        for c in self.consumers.values():
+            completed = None if c.completed == NO_STEP else c.completed
+            consumers.append({
+                "incarnation": c.id, "kind": c.kind, "state": c.state.name.lower(), "completed": completed,
+                "lag": None if last is None or completed is None else last - completed, "queued": len(c.ready),
+                "steps_done": c.steps_done, "windows": dict(c.windows), "failure": c.failure,
+                "stderr_tail": c.stderr_tail, "polling_age_s": round(now - c.last_poll, 3),
+            })  # fmt: skip
+        held = {a: len(q) for a, q in self._retained.items()}
+        for c in (c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED):
+            for a in c.windows:
+                held[a] = held.get(a, 0) + sum(1 for d in c.ready if any(p[0] == a for p in d.parts))
+        return consumers, held
+
+    def reclaim_reason(self, now: float, grace: float, registered: bool, created: float,
+                       ended_at: float | None) -> str:  # fmt: skip
+        """Why the run's head should reclaim the run now ("" if it should not): ``registered``, whether
+        a simulation registered; ``ended_at``, when it ended (``None`` while it goes on)."""
+        attached = self.attached()
+        gone = self.had_consumers() and not attached
+        if ended_at is not None:
+            if gone:
+                return "both sides are done"
+            if not self.had_consumers() and now - ended_at > grace:
+                return f"no analytics attached within {grace:.0f} s of the simulation's end"
+            idle = [c for c in attached if not c.polling and now - max(c.last_poll, ended_at) > grace]
+            if attached and len(idle) == len(attached):
+                return f"no consumer polled for {grace:.0f} s after the simulation's end"
+            return ""
+        if not registered and gone:
+            return "the analytics left before any simulation registered"
+        if not registered and not self.had_consumers() and now - created > grace:
+            return f"nobody attached within {grace:.0f} s"
+        return ""
+
     def clear(self) -> None:
         """Drop every queue and retained step (the run ended badly or is reclaimed)."""
         for c in self.consumers.values():

@@ -39,6 +39,7 @@ from insitu.messages import (
     StepData,
     Waiting,
 )
+from insitu.reach import listens
 
 __all__ = ["HeadActor", "get_or_create_head", "head_name", "relay_name"]
 
@@ -89,6 +90,7 @@ class HeadActor:
         self._torn_down = False
         self._dead_ranks: dict[int, str] = {}
         self._node_ips: dict[str, str] = {}
+        self._raylets: dict[str, tuple[str, int]] = {}  # node id -> its raylet's node manager (host, port)
         self._parent_relay: dict[str, str] = {}  # unit -> the step relay it reports to (none: the head)
         self._nodes_doc: list[dict[str, Any]] | None = None
         self._watchers: list[asyncio.Task[None]] = []
@@ -199,6 +201,7 @@ class HeadActor:
         self._wake()
         if nodes is None:  # real node actors: learn their death at once (impersonated ones have no park)
             self._node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+            self._raylets = {n["NodeID"]: (n["NodeManagerAddress"], n["NodeManagerPort"]) for n in ray.nodes()}
             loop = asyncio.get_running_loop()
             for node in ordered:
                 self._watchers.append(loop.create_task(self._watch_node(node, self._nodes[node])))
@@ -210,16 +213,24 @@ class HeadActor:
         except Exception:  # any failure of the park call means the node's process is gone
             pass
         if self._end is None and not self._torn_down:
-            self._node_lost(node)
+            host, port = self._raylets.get(node, ("", 0))
+            raylet_gone = bool(port) and not await asyncio.to_thread(listens, f"{host}:{port}")
+            if self._end is None and not self._torn_down:
+                self._node_lost(node, raylet_gone)
 
-    def _node_lost(self, node: str) -> None:
+    def _node_lost(self, node: str, raylet_gone: bool = False) -> None:
         """A node actor died mid-run: no later step can complete. Tell the consumers (a specific end of
-        the stream) and the ranks (the status' failure), naming the node and the last complete step."""
+        the stream) and the ranks (the status' failure), naming the node, whether its raylet went too,
+        and the last complete step."""
         assert self._sim is not None
         ranks = [r for r, n in enumerate(self._sim.rank_nodes) if n == node]
         last = self._book.last_step
         after = "before any step completed" if last == _NO_STEP else f"after step {last}, the last complete step"
-        message = (f"the insitu node process of node {self._node_ips.get(node, '?')} (id {node[:12]}, ranks "
+        what = "the insitu node process"
+        if raylet_gone:
+            host, port = self._raylets[node]
+            what = f"the raylet (node manager {host}:{port} refuses connections) and with it the insitu node process"
+        message = (f"{what} of node {self._node_ips.get(node, '?')} (id {node[:12]}, ranks "
                    f"{ranks}) of run {self._run!r} died {after}; later steps cannot complete and are lost")  # fmt: skip
         log.warning("%s", message)
         self._book.last_failure = message
@@ -236,21 +247,7 @@ class HeadActor:
         for (step, part), have in sorted(self._partial.items(), key=lambda kv: kv[0][0]):
             missing = [n for u in self._units if u not in have for n in self._unit_nodes.get(u, (u,))]
             assembling.append({"step": step, "arrays": list(part) if part else "all", "missing_nodes": missing})
-        consumers = []
-        for c in book.consumers.values():
-            completed = None if c.completed == _NO_STEP else c.completed
-            consumers.append({
-                "incarnation": c.id, "kind": c.kind, "state": c.state.name.lower(), "completed": completed,
-                "lag": None if last is None or completed is None else last - completed, "queued": len(c.ready),
-                "steps_done": c.steps_done, "windows": dict(c.windows), "failure": c.failure,
-                "stderr_tail": c.stderr_tail,
-                "polling_age_s": round(now - c.last_poll, 3),
-            })  # fmt: skip
-        held = {a: len(q) for a, q in book.retained_steps().items()}
-        for c in (c for c in book.consumers.values() if c.state == ConsumerState.ATTACHED):
-            for a in c.windows:
-                queued = sum(1 for d in c.ready if any(p[0] == a for p in d.parts))
-                held[a] = held.get(a, 0) + queued
+        consumers, held = book.describe(now)
         end = None if self._end is None else {"reason": self._end.reason.value, "message": self._end.message,
                                               "last_step": self._end.last_step}  # fmt: skip
         return {
@@ -540,6 +537,10 @@ class HeadActor:
         """``consumer`` is done with this run (after its earlier messages: a detach never hides a failure)."""
         self._in_order(consumer, seq, lambda: self._leave(consumer, ConsumerState.DETACHED, "the analytics detached"))
 
+    async def end(self) -> RunEnd | None:
+        """How the run ended, ``None`` while it goes on (a consumer whose data vanished asks)."""
+        return self._end
+
     async def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks."""
         return {
@@ -568,30 +569,12 @@ class HeadActor:
             await asyncio.sleep(0.25)
             if self._book.escalate(time.monotonic()):  # a supervised analytics did not come back in time
                 self._push()
-            reason = self._reclaim_reason(time.monotonic())
+            ended_at = self._ended_at if self._end is not None else None
+            reason = self._book.reclaim_reason(time.monotonic(), self._cfg.reclaim_deadline, self._sim is not None,
+                                               self._created, ended_at)
             if reason:
                 log.info("reclaiming run %s: %s", self._run, reason)
                 self._teardown()
-
-    def _reclaim_reason(self, now: float) -> str:
-        grace = self._cfg.reclaim_deadline
-        book = self._book
-        attached = book.attached()
-        gone = book.had_consumers() and not attached
-        if self._end is not None and self._ended_at is not None:
-            if gone:
-                return "both sides are done"
-            if not book.had_consumers() and now - self._ended_at > grace:
-                return f"no analytics attached within {grace:.0f} s of the simulation's end"
-            idle = [c for c in attached if not c.polling and now - max(c.last_poll, self._ended_at) > grace]
-            if attached and len(idle) == len(attached):
-                return f"no consumer polled for {grace:.0f} s after the simulation's end"
-            return ""
-        if self._sim is None and gone:
-            return "the analytics left before any simulation registered"
-        if self._sim is None and not book.had_consumers() and now - self._created > grace:
-            return f"nobody attached within {grace:.0f} s"
-        return ""
 
     def _teardown(self) -> None:
         if self._torn_down:
