@@ -29,7 +29,7 @@ from insitu.config import Config
 from insitu.errors import ContractError
 from insitu.layout import ArrayLayout
 
-__all__ = ["SCHEMA", "collect", "main_status", "node_bytes", "render"]
+__all__ = ["SCHEMA", "collect", "fixed", "main_status", "node_bytes", "render"]
 
 SCHEMA = 1
 """Version of the ``--json`` document (docs/status.md); bumped when a field changes meaning."""
@@ -50,11 +50,15 @@ def node_bytes(layouts: Sequence[ArrayLayout], rank_nodes: Sequence[str], held: 
 
 
 def collect(
-    run: str, config: Config, timeout: float = 10.0, nodes: list[dict[str, Any]] | None = None
+    run: str, config: Config, timeout: float = 10.0, nodes: list[dict[str, Any]] | None = None,
+    info: Any = None,
 ) -> dict[str, Any]:
     """The status document of ``run`` (this process must be connected to the run's Ray cluster).
 
-    ``nodes``: the head's node list from an earlier call (it does not change once the run is registered).
+    ``nodes`` and ``info``: the head's node list and the run's :class:`~insitu.messages.RunInfo`
+    from an earlier call (neither changes once the run is registered; :func:`fixed` gets both).
+    Every node actor is asked at once; one that does not answer within ``timeout`` is reported
+    as such, so a stuck node costs one ``timeout`` per call, not one each.
     """
     import ray
 
@@ -69,18 +73,24 @@ def collect(
             "started, or it ended and was reclaimed"
         ) from None
     doc: dict[str, Any] = {"schema": SCHEMA, **ray.get(head.status.remote(), timeout=timeout)}
-    info = ray.get(head.run_info.remote(0), timeout=timeout)
+    if not isinstance(info, RunInfo):
+        info = ray.get(head.run_info.remote(0), timeout=timeout)
     if doc["simulation"] and not nodes:
         nodes = ray.get(head.nodes.remote(), timeout=timeout)
     entries = [{k: v for k, v in n.items() if k != "actor"} for n in nodes or []]
     if doc["simulation"]:
         doc["simulation"]["nodes"] = entries
+    asked = {n["id"]: n["actor"].status.remote() for n in nodes or []}
+    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=timeout) if asked else ([], [])
     figures: dict[str, Any] = {}
-    for n in nodes or []:
+    for node, ref in asked.items():
+        if ref not in ready:
+            figures[node] = {"error": f"no answer within {timeout:g} s"}
+            continue
         try:
-            figures[n["id"]] = ray.get(n["actor"].status.remote(), timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - a dead or stuck node is part of the answer
-            figures[n["id"]] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            figures[node] = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a dead node is part of the answer
+            figures[node] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     store = node_bytes(info.layouts, info.rank_nodes, doc["held_steps"]) if isinstance(info, RunInfo) else {}
     ranks: list[dict[str, Any]] = []
     for entry in doc["simulation"]["nodes"] if doc["simulation"] else []:
@@ -96,17 +106,21 @@ def collect(
     return doc
 
 
-def _nodes(run: str, config: Config) -> list[dict[str, Any]] | None:
-    """The head's node list, once the simulation registered (``None`` before, or without the run)."""
+def fixed(run: str, config: Config) -> tuple[list[dict[str, Any]] | None, Any]:
+    """The head's node list and the run's ``RunInfo``, once the simulation registered (``(None, None)``
+    before, or without the run): what :func:`collect` need not ask again."""
     import ray
 
     from insitu.actors.head import head_name
+    from insitu.messages import RunInfo
 
     try:
         head = ray.get_actor(head_name(run), namespace=config.namespace)
     except ValueError:
-        return None  # collect names the problem
-    return ray.get(head.nodes.remote(), timeout=10) or None
+        return None, None  # collect names the problem
+    nodes = ray.get(head.nodes.remote(), timeout=10) or None
+    info = ray.get(head.run_info.remote(0), timeout=10)
+    return (nodes, info) if nodes and isinstance(info, RunInfo) else (None, None)
 
 
 def _ms(value: float | None) -> str:
@@ -117,7 +131,8 @@ def render(doc: dict[str, Any]) -> str:
     """The status document as text for a terminal."""
     steps = doc["steps"]
     lines = [f"run {doc['run']}: {doc['state']}, last complete step {steps['last']}, "
-             f"{steps['assembled']} steps assembled, ranks told '{doc['ranks_told']}'"]  # fmt: skip
+             f"{steps['assembled']} steps assembled, {steps.get('in_flight', 0)} in flight, "
+             f"ranks told '{doc['ranks_told']}'"]  # fmt: skip
     if doc["end"]:
         lines.append(f"  ended: {doc['end']['reason']} {doc['end']['message']}".rstrip())
     for a in steps["assembling"]:
@@ -131,6 +146,8 @@ def render(doc: dict[str, Any]) -> str:
         failure = f", failure: {c['failure'].splitlines()[0]}" if c["failure"] else ""
         lines.append(f"  #{c['incarnation']} {c['kind']}: {c['state']}, completed {c['completed']}, lag {c['lag']}, "
                      f"queued {c['queued']}{failure}")  # fmt: skip
+        if c.get("stderr_tail"):  # a failed supervised analytics: its last stderr lines
+            lines += [f"      | {line}" for line in c["stderr_tail"].splitlines()]
     for n in (doc["simulation"] or {}).get("nodes", []):
         proc = n["process"]
         where = f"error {proc['error']}" if "error" in proc else f"pid {proc.get('pid')}"
@@ -153,10 +170,11 @@ def main_status(run: str | None, address: str | None, as_json: bool, follow: boo
     acquire_ray(config, f"insitu status --run {run}")
     try:
         nodes: list[dict[str, Any]] | None = None
+        info: Any = None
         while True:
             if nodes is None:
-                nodes = _nodes(run, config)
-            doc = collect(run, config, nodes=nodes)
+                nodes, info = fixed(run, config)
+            doc = collect(run, config, nodes=nodes, info=info)
             text = json.dumps(doc) if as_json else render(doc)
             if follow and not as_json and sys.stdout.isatty():
                 text = "\x1b[H\x1b[2J" + text  # refresh in place

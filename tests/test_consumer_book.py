@@ -45,3 +45,20 @@ def test_an_observer_gets_only_the_arrays_it_reads_and_no_windows_are_retained_f
     book.done(analytics.id, 1)
     assert [(d.step, [p[0] for p in d.parts]) for d in watcher.ready] == [(1, ["v"])]
     assert book.retained_steps().get("v", []) == []  # an observer's window keeps nothing in the store
+
+
+def test_held_steps_count_a_step_once_whether_retained_queued_or_both() -> None:
+    book = ConsumerBook()
+    first = book.attach(ConsumerKind.ANALYTICS, {"u": 2}, now=0.0)
+    second = book.attach(ConsumerKind.ANALYTICS, {"u": 1}, now=0.0)
+    for s in range(3):
+        book.deliver(_step(s))
+    assert [d.step for d in first.ready] == [d.step for d in second.ready] == [0, 1, 2]
+    _, held = book.describe(now=1.0)
+    assert held == {"u": 3}  # retained for first's window and queued for both: three steps, not nine
+    for s in range(3):
+        book.done(first.id, s)
+        book.done(second.id, s)
+    first.ready.clear()
+    second.ready.clear()
+    assert book.describe(now=2.0)[1] == {"u": 1}  # the window of 2 keeps step 2 for first's next call

@@ -224,3 +224,13 @@ def test_the_page_shows_a_live_run_in_chromium(cluster: Any, tmp_path: Path) -> 
     lines = [json.loads(line) for line in out.strip().splitlines()]
     assert lines[-1]["done"] == 150, lines[-1]  # the monitor, attached first, took no step from the analytics
     assert [x["step"] for x in lines if "step" in x] == list(range(150))
+
+
+def test_a_module_whose_own_thread_dies_exits_so_that_it_is_restarted() -> None:
+    code = ("import threading, time\nfrom insitu.monitor.child import fatal_in_thread\n"
+            "threading.Thread(target=fatal_in_thread(lambda: 1 / 0), daemon=True).start()\n"
+            "time.sleep(30)\n")  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 70 and time.monotonic() - started < 20, (proc.returncode, proc.stderr[-2000:])
+    assert "ZeroDivisionError" in proc.stderr and "the module exits so that it is restarted" in proc.stderr

@@ -56,6 +56,8 @@ def test_status_of_a_live_run(cluster: Any) -> None:
     (c,) = doc["consumers"]
     assert (c["incarnation"], c["kind"], c["state"], c["windows"]) == (1, "analytics", "attached", {"u": 2})
     assert c["completed"] is not None and c["lag"] == doc["steps"]["last"] - c["completed"] >= 0
+    newest = max([a["step"] for a in doc["steps"]["assembling"]] + [doc["steps"]["last"]])
+    assert doc["steps"]["in_flight"] == newest - c["completed"] >= c["lag"], doc["steps"]
     assert [r["rank"] for r in doc["ranks"]] == [0, 1, 2, 3]
     assert all(r["calls"] >= 1 and r["send_p50_ms"] > 0 and r["send_p95_ms"] >= r["send_p50_ms"] for r in doc["ranks"])
     # the ranks' counts, read from two node actors one after the other while steps go on, may differ

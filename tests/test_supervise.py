@@ -227,4 +227,7 @@ def test_heat2d_with_its_analytics_killed_three_times(cluster: Any, tmp_path: An
     runs = 1 + sum(1 for a, b in zip(steps, steps[1:], strict=False) if b != a + 1)
     assert steps[0] == 0 and steps[-1] == 299 and runs == 4, steps  # four incarnations, three gaps
     dropped = int(re.search(r"dropped (\d+)", sim_out).group(1))  # type: ignore[union-attr]
-    assert dropped >= 3 and len(steps) + dropped <= 300, (len(steps), dropped)
+    # the steps missing from the statistics are the ones the simulation dropped in the gaps, plus at
+    # most the steps in flight (back-pressure: 2) and the one being analysed when each incarnation died
+    missing = 300 - len(steps)
+    assert dropped >= 3 and 0 <= missing - dropped <= 3 * (2 + 1), (missing, dropped)

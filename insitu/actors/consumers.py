@@ -258,11 +258,12 @@ class ConsumerBook:
                 "steps_done": c.steps_done, "windows": dict(c.windows), "failure": c.failure,
                 "stderr_tail": c.stderr_tail, "polling_age_s": round(now - c.last_poll, 3),
             })  # fmt: skip
-        held = {a: len(q) for a, q in self._retained.items()}
+        steps: dict[str, set[int]] = {a: {s for s, _ in q} for a, q in self._retained.items()}
         for c in (c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED):
-            for a in c.windows:
-                held[a] = held.get(a, 0) + sum(1 for d in c.ready if any(p[0] == a for p in d.parts))
-        return consumers, held
+            for d in c.ready:  # a step queued for several consumers, or also retained, is held once
+                for a in {p[0] for p in d.parts}:
+                    steps.setdefault(a, set()).add(d.step)
+        return consumers, {a: len(held) for a, held in steps.items()}
 
     def reclaim_reason(self, now: float, grace: float, registered: bool, created: float,
                        ended_at: float | None) -> str:  # fmt: skip

@@ -254,11 +254,19 @@ class HeadActor:
             "run": self._run, "age_s": round(now - self._created, 3),
             "state": "ended" if self._end is not None else "running" if self._sim is not None else "waiting",
             "end": end, "simulation": sim,
-            "steps": {"assembled": self._steps_assembled, "last": last, "assembling": assembling},
+            "steps": {"assembled": self._steps_assembled, "last": last, "assembling": assembling,
+                      "in_flight": self._in_flight()},
             "ranks_told": book.sim_state().name.lower(), "failures": book.failures, "last_failure": book.last_failure,
             "restart_pending_s": None if book.restart_until is None else round(book.restart_until - now, 3),
             "consumers": consumers, "retained": book.retained_steps(), "held_steps": held,
         }  # fmt: skip
+
+    def _in_flight(self) -> int:
+        """Steps the ranks sent that not every attached consumer finished (by step number, from the
+        consumers' completed step to the newest step seen, assembling ones included)."""
+        newest = max([k[0] for k in self._partial] + [self._book.last_step])
+        done = self._book.completed()
+        return 0 if newest == _NO_STEP else max(0, newest - max(done, -1))
 
     def _node_entries(self) -> list[dict[str, Any]]:
         """Each node's id, address, ranks and route: fixed at registration, built once (status stays cheap)."""

@@ -31,7 +31,7 @@ from typing import Any
 from insitu.monitor.protocol import Call, Cancel, Chunk, Hello, Ping, Pong, Reply
 from insitu.transport import decode_frames, encode_frame
 
-__all__ = ["Handler", "ModuleRuntime", "main", "png_bytes"]
+__all__ = ["Handler", "ModuleRuntime", "fatal_in_thread", "main", "png_bytes"]
 
 log = logging.getLogger("insitu.monitor")
 
@@ -118,6 +118,22 @@ class ModuleRuntime:
                 elif isinstance(message, Cancel) and message.id in tasks:
                     tasks[message.id].cancel()
             await self._writer.drain()
+
+
+def fatal_in_thread(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` for a module's own thread: an exception it lets through ends the module's process
+    (exit code 70, after logging it), so that its supervisor sees a failure and restarts the
+    module, instead of a module that answers its health checks with a dead worker inside."""
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException:
+            log.exception("a thread of this module died; the module exits so that it is restarted")
+            sys.stderr.flush()
+            os._exit(70)
+
+    return run
 
 
 def png_bytes(fig: Any) -> bytes:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from insitu.config import Config, resolve_run
-from insitu.monitor.child import ModuleRuntime, png_bytes
+from insitu.monitor.child import ModuleRuntime, fatal_in_thread, png_bytes
 from insitu.monitor.protocol import Call, Reply
 
 __all__ = ["MAX_POINTS", "Snapshots", "setup", "thinned"]
@@ -26,6 +26,7 @@ __all__ = ["MAX_POINTS", "Snapshots", "setup", "thinned"]
 MAX_POINTS = 512
 _WANTED_FOR = 30.0
 _EVERY = 1.0
+_QUIET_FOR = 30 * 86400.0
 
 
 def thinned(shape: tuple[int, ...]) -> tuple[tuple[int | slice, ...], tuple[int, ...]]:
@@ -56,7 +57,7 @@ class Snapshots:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach to the run from a daemon thread."""
         self.loop = loop
-        threading.Thread(target=self._consume, name="insitu-monitor-snapshot", daemon=True).start()
+        threading.Thread(target=fatal_in_thread(self._consume), name="insitu-monitor-snapshot", daemon=True).start()
 
     def _consume(self) -> None:
         import ray
@@ -64,7 +65,7 @@ class Snapshots:
         from insitu.actors.consumers import ConsumerKind
         from insitu.actors.head import head_name
         from insitu.analytics import Analytics
-        from insitu.messages import RunInfo
+        from insitu.messages import RunEnd, RunInfo
         from insitu.process import acquire_ray
 
         while True:
@@ -80,9 +81,18 @@ class Snapshots:
                 head = ray.get_actor(head_name(self.run), namespace=self.config.namespace)
                 info = ray.get(head.run_info.remote(5.0), timeout=30)
             except ValueError:
-                time.sleep(1.0)  # the run has not started yet
+                info = None  # the run has not started yet
+            except ray.exceptions.RayError as exc:  # a head that died or did not answer: ask again
+                self.state = f"{type(exc).__name__} from the run's head"
+            if isinstance(info, RunEnd):
+                self.state = f"the run ended before its simulation registered: {info.message}"
+                return
+            if not isinstance(info, RunInfo):
+                time.sleep(1.0)
         self.arrays = [lay.name for lay in info.layouts]
-        analytics = Analytics(self.run, config=self.config, kind=ConsumerKind.MONITOR)
+        # an observer waits for steps as long as the run lasts: no deadline on a quiet simulation
+        config = self.config.replace(deadline=max(self.config.deadline, _QUIET_FOR))
+        analytics = Analytics(self.run, config=config, kind=ConsumerKind.MONITOR)
 
         @analytics.on_step(*self.arrays, when="any")
         def snapshot(step: int, **arrays: Any) -> None:

@@ -1,8 +1,8 @@
 """The monitor's ``status`` module: ``/api/status``, ``/api/events`` and ``/api/plot.png``.
 
 A thread polls :func:`insitu.status.collect` (the document of ``insitu status --json``) every
-half second and keeps a history of the last 10 minutes. ``/api/events`` streams one
-server-sent event per new complete step (``id:`` is the step, so a client reconnecting with
+half second and keeps a history of the last 10 minutes. ``/api/events`` streams a
+server-sent event whenever the last complete step advanced (``id:`` is the step, so a client reconnecting with
 ``Last-Event-ID`` after a restart of this module gets only later steps: the stream stays in
 order), then an ``end`` event when the run ends. ``/api/plot.png`` draws step rate, lag per
 consumer and insitu's store bytes per node with matplotlib.
@@ -19,7 +19,7 @@ from typing import Any
 
 from insitu.config import Config, resolve_run
 from insitu.errors import InsituError
-from insitu.monitor.child import ModuleRuntime, png_bytes
+from insitu.monitor.child import ModuleRuntime, fatal_in_thread, png_bytes
 from insitu.monitor.protocol import Call, Reply
 
 __all__ = ["Poller", "event_of", "setup"]
@@ -64,11 +64,11 @@ class Poller:
 
     def start(self) -> None:
         """Poll in a daemon thread (it connects to Ray there)."""
-        threading.Thread(target=self._poll, name="insitu-monitor-status", daemon=True).start()
+        threading.Thread(target=fatal_in_thread(self._poll), name="insitu-monitor-status", daemon=True).start()
 
     def _poll(self) -> None:
         from insitu.process import acquire_ray
-        from insitu.status import _nodes, collect
+        from insitu.status import collect, fixed
 
         while not self._stop.is_set():
             try:
@@ -78,11 +78,12 @@ class Poller:
                 self.doc = {"run": self.run, "state": "unknown", "message": f"{type(exc).__name__}: {exc}"}
                 self._stop.wait(5.0)
         nodes: list[dict[str, Any]] | None = None
+        info: Any = None
         while not self._stop.is_set():
             try:
                 if nodes is None:
-                    nodes = _nodes(self.run, self.config)
-                doc = collect(self.run, self.config, nodes=nodes)
+                    nodes, info = fixed(self.run, self.config)
+                doc = collect(self.run, self.config, nodes=nodes, info=info)
             except InsituError as exc:
                 doc = {"run": self.run, "state": "waiting", "message": str(exc)}
             except Exception as exc:  # noqa: BLE001 - a failed poll is shown, the next one may work

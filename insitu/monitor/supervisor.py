@@ -94,6 +94,7 @@ class Module:
         self._changed = asyncio.Event()  # set at every change of state (then replaced)
         self._pong = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._logging: asyncio.Task[None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -119,6 +120,7 @@ class Module:
     async def start(self) -> None:
         """Start the next incarnation (the health loop notices if it never says hello)."""
         self.incarnation += 1
+        self.log_tail.clear()  # the tail logged at a failure is this incarnation's
         ours, theirs = socket.socketpair()
         env = {**self.env, "INSITU_MONITOR_FD": str(theirs.fileno())}
         proc = await asyncio.create_subprocess_exec(
@@ -131,7 +133,9 @@ class Module:
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         incarnation = self.incarnation
         self._spawn(self._read(reader, incarnation))
-        self._spawn(self._log(proc, incarnation))
+        self._logging = asyncio.create_task(self._log(proc, incarnation))
+        self._tasks.add(self._logging)
+        self._logging.add_done_callback(self._tasks.discard)
         self._spawn(self._health(proc, incarnation))
 
     async def stop(self) -> None:
@@ -208,6 +212,9 @@ class Module:
         self.last_failure = reason
         gave_up = self.restarts >= self.settings.max_restarts
         self._set_state(ModuleState.GAVE_UP if gave_up else ModuleState.RESTARTING)
+        if self._logging is not None and self._proc is not None and self._proc.returncode is not None:
+            with contextlib.suppress(TimeoutError):  # a dead module's last lines (its traceback) first
+                await asyncio.wait_for(asyncio.shield(self._logging), 1.0)
         log.error("%s; its last log lines:\n%s", reason, "\n".join(self.log_tail) or "(none)")
         self._abort(reason)
         await self._kill()
