@@ -90,7 +90,6 @@ class Module:
         self._writer: asyncio.StreamWriter | None = None
         self._calls: dict[int, asyncio.Queue[Reply | Chunk | Unavailable]] = {}
         self._next_id = 0
-        self._ready = asyncio.Event()
         self._changed = asyncio.Event()  # set at every change of state (then replaced)
         self._pong = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -105,17 +104,14 @@ class Module:
 
     def _set_state(self, state: ModuleState) -> None:
         self.state = state
-        if state == ModuleState.HEALTHY:
-            self._ready.set()
-        else:
-            self._ready.clear()
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def start(self) -> None:
         """Start the next incarnation (the health loop notices if it never says hello)."""
@@ -133,9 +129,7 @@ class Module:
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         incarnation = self.incarnation
         self._spawn(self._read(reader, incarnation))
-        self._logging = asyncio.create_task(self._log(proc, incarnation))
-        self._tasks.add(self._logging)
-        self._logging.add_done_callback(self._tasks.discard)
+        self._logging = self._spawn(self._log(proc, incarnation))
         self._spawn(self._health(proc, incarnation))
 
     async def stop(self) -> None:
@@ -189,7 +183,7 @@ class Module:
                 why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 return await self._fail(incarnation, why)
             now = time.monotonic()
-            if self.state == ModuleState.STARTING or not self._ready.is_set():
+            if self.state != ModuleState.HEALTHY:
                 if now - started > s.start_deadline:
                     return await self._fail(incarnation, f"did not start within {s.start_deadline:.0f} s")
                 continue
@@ -230,7 +224,7 @@ class Module:
     # -- requests -----------------------------------------------------------------------
     async def _wait_ready(self) -> Unavailable | None:
         end = time.monotonic() + self.settings.start_deadline
-        while not self._ready.is_set():
+        while self.state != ModuleState.HEALTHY:
             if self.state == ModuleState.GAVE_UP:
                 return Unavailable(f"{self.last_failure}; not restarted after {self.restarts} restarts")
             if self.state == ModuleState.STOPPED or time.monotonic() >= end:
