@@ -31,7 +31,15 @@ from insitu.errors import (
 )
 from insitu.messages import Attached, EndReason, RunEnd, RunInfo, StepData, Waiting
 from insitu.outcome import BlockRef, RunSummary, lost_node_end
-from insitu.process import Route, acquire_ray, check_cluster, register, release_ray
+from insitu.process import (
+    Route,
+    SigtermRequest,
+    acquire_ray,
+    check_cluster,
+    register,
+    release_ray,
+    sigterm_between_steps,
+)
 
 __all__ = ["Analytics", "BlockRef", "RunSummary"]
 
@@ -102,7 +110,7 @@ class Analytics:
     def __init__(
         self, run: str | None = None, address: str | None = None, *, config: Config | None = None,
         bypass: Bypass | None = None, kind: ConsumerKind = ConsumerKind.ANALYTICS, **overrides: Any
-    ) -> None:
+    ) -> None:  # fmt: skip
         base = config or Config.from_env()
         self.config = base.replace(
             address=address or base.address, **{k: v for k, v in overrides.items() if v is not None}
@@ -121,6 +129,7 @@ class Analytics:
         self._history: tuple[StepData, ...] = ()
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
         self._holds_ray = False
+        self._sigterm = SigtermRequest()
         self._unroute: Callable[[], None] | None = None
         self._where: dict[str, str] = {}
         self._step: int | None = None
@@ -274,12 +283,16 @@ class Analytics:
         """
         if not self._callbacks:
             raise ContractError("no callbacks registered: use @analytics.on_step(...) first")
+        with sigterm_between_steps() as self._sigterm:  # SIGTERM: detach at the next step, then exit 143
+            acquire_ray(self.config, f"Analytics(run={self.run_name!r})")
+            self._holds_ray = True
+            return self._attach_and_loop()
+
+    def _attach_and_loop(self) -> RunSummary:
         import ray
 
         from insitu.actors.head import get_or_create_head
 
-        acquire_ray(self.config, f"Analytics(run={self.run_name!r})")
-        self._holds_ray = True
         try:
             self._unroute = register(Route(self._owns_chunk, self._schedule, self.run_name))
             self._head = get_or_create_head(self.run_name, self.config)
@@ -346,6 +359,7 @@ class Analytics:
         end = time.monotonic() + self.config.deadline
         while True:  # short polls: the supervisor's heartbeat goes on while the simulation starts
             self._beat()
+            self._sigterm.check()
             got = ray.get(self._head.run_info.remote(_POLL), timeout=_POLL + self.config.deadline)
             if not isinstance(got, Waiting) or time.monotonic() >= end:
                 break
@@ -375,6 +389,7 @@ class Analytics:
         progress = time.monotonic()
         while True:
             self._beat()
+            self._sigterm.check()
             done, self._done = self._done, None  # the completion travels with the next poll
             seq = None if done is None else self._next_seq()
             try:
@@ -408,6 +423,7 @@ class Analytics:
                     if item.reason == EndReason.NODE_LOST:
                         raise NodeLostError(item.message)
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
+                self._sigterm.check()
                 self._process(item)
                 if item.parts:  # steps carrying our arrays; not calls (a step may come in several)
                     steps += int(item.step != last)

@@ -18,8 +18,9 @@ from insitu import errors
 from insitu.cluster.local import auth_environment
 from insitu.config import Config
 from insitu.errors import ConfigError, ContractError, InsituError
+from insitu.validate import kept_signals
 
-__all__ = ["agree", "connect_ray", "launcher_mismatch", "raise_common", "resolve_nodes"]
+__all__ = ["agree", "connect_ray", "init_ray", "launcher_mismatch", "raise_common", "resolve_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def connect_ray(config: Config) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(
+    init_ray(
         address=address,
         namespace=config.namespace,
         logging_level=logging.WARNING,
@@ -118,6 +119,21 @@ def connect_ray(config: Config) -> bool:
         log_to_driver=False,
     )
     return True
+
+
+def init_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``, leaving this process's signal handlers as they were.
+
+    ``ray.init`` replaces the main thread's SIGTERM handler with ``sys.exit``: a SIGTERM then
+    raises ``SystemExit`` wherever the program is (e.g. inside a matplotlib drawing, which turns
+    it into an unrelated ``TypeError`` and a traceback), and overrides an ``insitu`` command's
+    own handler, which tears down what the command started. A process's handlers are its own:
+    the ones in place before the call are put back.
+    """
+    import ray
+
+    with kept_signals():
+        ray.init(**kwargs)
 
 
 def _wait_reachable(address: str, deadline: float) -> None:

@@ -21,12 +21,15 @@ Nothing here runs at import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pickle
+import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +40,8 @@ import numpy as np
 from insitu.config import Config
 from insitu.errors import ConfigError
 
-__all__ = ["Route", "acquire_ray", "check_cluster", "install_router", "register", "release_ray", "route_graph"]
+__all__ = ["Route", "SigtermRequest", "acquire_ray", "check_cluster", "install_router", "register", "release_ray",
+           "route_graph", "sigterm_between_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +156,49 @@ def release_ray() -> None:
 
         ray.shutdown()
         _STATE.made = False
+
+
+# -- SIGTERM while an analytics runs ---------------------------------------------------------
+class SigtermRequest:
+    """Whether a SIGTERM arrived while :func:`sigterm_between_steps` was in force."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def check(self) -> None:
+        """At a safe point (between steps): end the run with ``SystemExit(128 + SIGTERM)`` if asked."""
+        if self.requested:
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def sigterm_between_steps() -> Iterator[SigtermRequest]:
+    """While an ``Analytics`` runs in the main thread of a process that left SIGTERM at its default,
+    a SIGTERM ends the run at the next step boundary instead of wherever the program is.
+
+    The analytics then detaches from the run (the simulation goes on under its policy) and
+    ``run()`` raises ``SystemExit(143)``, so the program's ``with``/``finally`` blocks close
+    its files. A second SIGTERM ends the process at once, as the default would. A program
+    that set its own SIGTERM handler keeps it, untouched.
+    """
+    request = SigtermRequest()
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield request
+        return
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        if request.requested:  # the second one: as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        request.requested = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield request
+    finally:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # -- the scheduler router -----------------------------------------------------------------------

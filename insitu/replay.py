@@ -168,7 +168,9 @@ def main_replay(path: str, run: str, ranks: int | None, pace: str, steps: str | 
     if addr:
         import ray
 
-        ray.init(address=addr, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        from insitu.comm import init_ray
+
+        init_ray(address=addr, logging_level="ERROR", log_to_driver=False, configure_logging=False)
         try:
             node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
         finally:

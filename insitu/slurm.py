@@ -39,6 +39,7 @@ __all__ = [
 
 RAY_MIN_STORE = 80 << 20  # Ray refuses object stores below 75 MiB
 
+
 def busy_ports(ip: str, ports: Sequence[int]) -> list[int]:
     """The ports of ``ports`` that cannot be bound on ``ip`` (in use by anyone).
 
@@ -173,7 +174,9 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_l
 
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    from insitu.comm import init_ray
+
+    init_ray(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     try:
         while True:
             alive = {k.removeprefix("slurm_node_") for n in ray.nodes() if n["Alive"] for k in n["Resources"]
@@ -197,8 +200,9 @@ def steer(address: str, run: str, key: str, value: object, namespace: str = "ins
     import ray
 
     from insitu.actors.head import head_name
+    from insitu.comm import init_ray
 
-    ray.init(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False,
+    init_ray(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False,
              configure_logging=False)  # fmt: skip
     try:
         head = ray.get_actor(head_name(run), namespace=namespace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -64,3 +65,51 @@ def test_a_signal_to_insitu_demo_mid_run_tears_down_everything_it_started(tmp_pa
     assert _processes_mentioning(address) == []  # raylets, GCS, workers of its private cluster
     assert _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ") == []  # analytics, mpiexec, ranks
     assert list(Path("/dev/shm").glob("insitu-demo-*")) == []
+
+
+_KEEPS_HANDLER = """
+import os, signal, sys, time
+from insitu.comm import connect_ray
+from insitu.config import Config
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+connect_ray(Config.from_env())
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print(got, signal.getsignal(signal.SIGTERM).__name__)
+"""
+
+
+def test_connecting_to_ray_leaves_the_process_its_own_sigterm_handler(cluster: object) -> None:
+    """``ray.init`` sets SIGTERM to ``sys.exit``; insitu's connection puts the process's handler back
+    (an analytics drawing with matplotlib at SIGTERM printed a traceback; a command's teardown was skipped)."""
+    proc = subprocess.run([sys.executable, "-c", _KEEPS_HANDLER], capture_output=True, text=True, timeout=120,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["[15]", "<lambda>"]
+
+
+def test_sigterm_to_an_analytics_detaches_it_at_the_next_step_and_exits_143(cluster: object) -> None:
+    """SIGTERM lands while a callback runs (a 2 s sleep): the callback finishes, the analytics leaves
+    the run as *detached* (a SIGKILLed one is *failed*), and exits 143; the simulation goes on."""
+    from tests.conftest import finish_sim, run_name, start_sim
+    from tests.test_consumers import head_stats, start_ana
+
+    run = run_name("sigterm")
+    ana = start_ana(cluster, {"run": run, "sleep": 2.0})
+    proc = start_sim(cluster, 2, {"run": run, "steps": 60, "sleep": 0.2})
+    assert ana.stdout is not None
+    first = json.loads(ana.stdout.readline())
+    assert first["step"] == 0  # now in step 0's 2 s sleep
+    ana.send_signal(signal.SIGTERM)
+    rest, _ = ana.communicate(timeout=60)
+    assert ana.returncode == 143
+    assert [json.loads(line).get("step") for line in rest.splitlines()] == []  # no step after the signal
+    stats = head_stats(run)  # while the simulation still runs (60 steps of 0.2 s)
+    assert [c["state"] for c in stats["consumers"].values()] == ["DETACHED"], stats["consumers"]
+    assert stats["analytics"] == "DETACHED"  # what the ranks are told (FAILED for a killed one)
+    result = finish_sim(proc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not result.by_rank("send-error")  # policy continue: the steps after the detach are dropped
+    done = result.one("done")
+    assert sorted(done) == [0, 1] and all(d["dropped"] > 0 and not d["ok"] for d in done.values()), done

@@ -298,11 +298,13 @@ class HeadActor:
         """A node reporting directly delivered one step (once per node per step)."""
         for m in self._order.push(msg.node, msg.seq, msg):  # a node's steps are handled in its own order
             self._unit_step(m.node, m.step, m.arrays, m.refs, m.part)
+        self._maybe_closed()  # after the whole batch: the order counts it handed over before they were handled
 
     async def group_step(self, msg: GroupStep) -> None:
         """A relay's group of nodes delivered one step (once per relay per step)."""
         for m in self._order.push(msg.relay, msg.seq, msg):
             self._unit_step(m.relay, m.step, m.arrays, m.refs, m.part)
+        self._maybe_closed()
 
     def _unit_step(self, unit: str, step: int, arrays: tuple[str, ...], refs: tuple[Any, ...],
                    part: tuple[str, ...] | None = None) -> None:  # fmt: skip
@@ -318,8 +320,6 @@ class HeadActor:
             self._steps_assembled += int(step != self._book_last)  # steps, not calls
             self._book_last = step
             self._wake()
-        if self._sent_by_unit:
-            self._maybe_closed()
 
     async def node_closed(self, unit: str, last_step: int, messages: int) -> None:
         """Every rank of ``unit`` (a node, or every node of a relay's group) closed after
@@ -330,7 +330,8 @@ class HeadActor:
 
     def _maybe_closed(self) -> None:
         # Ray may run a node's close before its last step messages: end only once all arrived
-        if len(self._closed_units) == len(self._units) and all(
+        # (and were handled: never call this between messages of one InOrder batch)
+        if self._sent_by_unit and len(self._closed_units) == len(self._units) and all(
             self._order.count(u) >= sent for u, sent in self._sent_by_unit.items()
         ):
             self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_units.values())))
