@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from insitu.actors.consumers import ConsumerKind
 from insitu.config import Backpressure, Config, FailurePolicy, Scheduler, When
 from insitu.layout import ArrayLayout, ArraySpec
+from insitu.messages import Gap
 
 if TYPE_CHECKING:
     from insitu.analytics import Analytics, RunSummary
@@ -34,6 +35,7 @@ __all__ = [
     "ConsumerKind",
     "Dispatcher",
     "FailurePolicy",
+    "Gap",
     "RunSummary",
     "Scheduler",
     "SlicePool",

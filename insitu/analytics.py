@@ -11,13 +11,13 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from insitu.actors.consumers import ConsumerKind
 from insitu.bypass import Bypass
+from insitu.callbacks import Callback, CallbackRunner
 from insitu.config import Config, Scheduler, When, resolve_run
 from insitu.dispatch import Dispatcher
 from insitu.errors import (
@@ -29,7 +29,7 @@ from insitu.errors import (
     SteeringValueError,
     StepTimeoutError,
 )
-from insitu.messages import Attached, EndReason, RunEnd, RunInfo, StepData, Waiting
+from insitu.messages import Attached, EndReason, Gap, RunEnd, RunInfo, StepData, Waiting
 from insitu.outcome import BlockRef, RunSummary, lost_node_end
 from insitu.process import (
     Route,
@@ -47,18 +47,6 @@ log = logging.getLogger(__name__)
 _POLL = 1.0
 
 
-@dataclass
-class _Callback:
-    fn: Callable[..., Any]
-    arrays: tuple[str, ...]
-    window: int
-    history: dict[str, deque[tuple[int, Any]]]
-    """Per array: its last ``window`` steps (each array at its own cadence)."""
-    partial: bool = False
-    on_error: Callable[[int, BaseException], Any] | None = None
-    when: When = When.ALL
-
-
 def _link_class() -> Any:
     import ray
 
@@ -72,7 +60,7 @@ def _link_class() -> Any:
     return AnalyticsLink
 
 
-class Analytics:
+class Analytics(CallbackRunner):
     """Receive a run's steps as Dask arrays and steer the simulation.
 
     Parameters
@@ -118,7 +106,7 @@ class Analytics:
         self.run_name = resolve_run(run, self.config)
         check_cluster(self.config.address, f"Analytics(run={self.run_name!r})")
         self.kind = ConsumerKind(kind)
-        self._callbacks: list[_Callback] = []
+        self._callbacks: list[Callback] = []
         self._on_close: list[Callable[[RunSummary], None]] = []
         self._head: Any = None
         self._link: Any = None
@@ -130,6 +118,9 @@ class Analytics:
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
         self._holds_ray = False
         self._sigterm = SigtermRequest()
+        self._gaps: list[Gap] = []
+        self._lost: list[int] = []
+        self._on_gap: list[Callable[[Gap], None]] = []
         self._unroute: Callable[[], None] | None = None
         self._where: dict[str, str] = {}
         self._step: int | None = None
@@ -179,7 +170,7 @@ class Analytics:
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             history = {n: deque[tuple[int, Any]](maxlen=int(window)) for n in names}
-            self._callbacks.append(_Callback(fn, names, int(window), history, bool(partial), on_error, When(when)))
+            self._callbacks.append(Callback(fn, names, int(window), history, bool(partial), on_error, When(when)))
             return fn
 
         return register
@@ -207,6 +198,13 @@ class Analytics:
         The place to collect final results from actors or a slice pool and to release them.
         """
         self._on_close.append(fn)
+        return fn
+
+    def on_gap(self, fn: Callable[[Gap], None]) -> Callable[[Gap], None]:
+        """Register ``fn(gap)``, called when a node process died and was restarted: ``gap.missing``
+        steps will not come, and windows over that node's arrays were emptied (their blocks died
+        with it), so they fill again from the first step after the gap."""
+        self._on_gap.append(fn)
         return fn
 
     def blocks(self, array: Any) -> dict[tuple[int, ...], BlockRef]:
@@ -409,7 +407,8 @@ class Analytics:
                 if isinstance(item, RunEnd):
                     if item.reason == EndReason.CLOSED:
                         summary = RunSummary(steps, last, item.reason, dict(self._handled), self._consumer,
-                                             self._resumed_after, self._dropped_before)  # fmt: skip
+                                             self._resumed_after, self._dropped_before, tuple(self._gaps),
+                                             tuple(self._lost))  # fmt: skip
                         for fn in self._on_close:
                             try:
                                 fn(summary)
@@ -424,6 +423,9 @@ class Analytics:
                         raise NodeLostError(item.message)
                     raise SimulationFailedError(f"run {self.run_name!r}: {item.message}")
                 self._sigterm.check()
+                if isinstance(item, Gap):
+                    self._gap(item)
+                    continue
                 self._process(item)
                 if item.parts:  # steps carrying our arrays; not calls (a step may come in several)
                     steps += int(item.step != last)
@@ -499,38 +501,6 @@ class Analytics:
         if got is not None:
             self._run_over(got.message)
             raise NodeLostError(got.message) from exc
-
-    def _call_handled(self, cb: _Callback, step: int, kwargs: dict[str, list[Any]]) -> None:
-        """The callback (its ``.compute()`` finds our scheduler through the router), errors to its handler."""
-        if cb.on_error is None:
-            self._call(cb, step, kwargs)
-            return
-        try:
-            self._call(cb, step, kwargs)
-        except Exception as exc:
-            log.warning("callback %s failed at step %d (handled by %s): %s: %s", cb.fn.__name__, step,
-                        getattr(cb.on_error, "__name__", "on_error"), type(exc).__name__, exc)  # fmt: skip
-            cb.on_error(step, exc)  # a handler that raises fails the callback
-            self._handled[cb.fn.__name__] = self._handled.get(cb.fn.__name__, 0) + 1
-
-    def _call(self, cb: _Callback, step: int, kwargs: dict[str, list[Any]]) -> None:
-        """Run one callback, or its bypass: a Ray task on the node holding its first block."""
-        if self.bypass is None:
-            cb.fn(step, **kwargs)
-            return
-        decision = self.bypass.decide(cb.fn.__name__, [f"{n}:{step}" for n in cb.arrays], step)
-        if decision is None:
-            with self.bypass.installed():
-                cb.fn(step, **kwargs)
-            return
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        node = next(iter(self.blocks(kwargs[cb.arrays[0]][-1]).values())).node
-        options = {"num_cpus": 0}
-        if node:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-        self._dispatcher.task(self.bypass.stub(decision), step, options=options).get(timeout=self.config.deadline)
-        self.bypassed[cb.fn.__name__] = self.bypassed.get(cb.fn.__name__, 0) + 1
 
     def _resolve(self, parts: tuple[tuple[str, str, Any], ...]) -> list[tuple[str, str, Any]]:
         """Replace the group objects of step relays by their ``(array, node, ref)`` parts

@@ -53,7 +53,8 @@ from insitu.messages import (
     SteeringUpdate,
     Wire,
 )
-from insitu.transport import RankChannel, StagingFile, align
+from insitu.nodelink import NodeLink
+from insitu.transport import RankChannel, StagingFile
 from insitu.validate import NO_STEP, as_specs, check_send, kept_signals
 
 __all__ = ["Bridge", "BridgeStats"]
@@ -68,9 +69,11 @@ class BridgeStats:
     sent: int
     skipped: int
     dropped: int
+    reconnects: int = 0
+    """Times this rank reconnected to its node's restarted insitu process (not agreed across ranks)."""
 
 
-class Bridge:
+class Bridge(NodeLink):
     """Hand this rank's blocks to the in-situ analytics every step.
 
     Collective over a duplicate of ``comm``: every rank of ``comm`` constructs one,
@@ -193,6 +196,12 @@ class Bridge:
         self._state_seen = AnalyticsState.PENDING
         self._failure_seen = ""
         self._broken = ""
+        self._broken_at = 0.0
+        self._retry_at = 0.0
+        self._reconnects = 0
+        self._gap_start: tuple[int, int] | None = None  # (first step dropped, dropped count then)
+        self.gaps: list[tuple[int, int, int]] = []
+        """Per recovered outage: first and last step dropped, and how many steps were dropped."""
         self._log: dict[int, SteeringUpdate] = {}  # received, not yet applied (compacted on apply)
         self._seen_version = 0
         self._applied_version = 0
@@ -206,8 +215,9 @@ class Bridge:
         self._agreement = Agreement(self._names, self._owns)
         self._vec, self._agreed = self._agreement.vec, self._agreement.agreed
         local = None
+        self._address = addresses[self.node]
         try:
-            self._connect(addresses[self.node], cfg)
+            self._connect(self._address, cfg)
         except InsituError as exc:
             local = exc
         except Exception as exc:  # carried into the agreement so that no rank raises alone
@@ -238,44 +248,6 @@ class Bridge:
         if self._driver is not None:
             self._driver.close()
             self._driver = None
-
-    def _connect(self, address: str, cfg: Config) -> None:
-        entries: list[tuple[str, Any, tuple[int, ...], str, int]] = []
-        offset = 0
-        for name in sorted(self._specs):
-            spec = self._specs[name]
-            if not spec.owns_block:
-                continue
-            block = self._layouts[name].block_of(self.rank)
-            assert spec.shape is not None  # owns_block
-            entries.append((name, block, spec.shape, spec.dtype.str, offset))
-            offset += align(spec.nbytes)
-        self._staging = StagingFile(cfg.shm_dir, self.run, self.rank, offset, cfg.slots)
-        stride = self._staging.slot_bytes
-        self._views = [
-            {
-                name: np.ndarray(shape, dtype=np.dtype(dt), buffer=self._staging.map, offset=slot * stride + off)
-                for name, _, shape, dt, off in entries
-            }
-            for slot in range(cfg.slots)
-        ]
-        setup = max(cfg.deadline, cfg.startup_deadline)
-        try:
-            self._channel = RankChannel(address, setup)
-            self._channel.send((Wire.HELLO, self.rank, self._staging.path, tuple(entries), cfg.slots, stride))
-            got = self._channel.wait_for(
-                lambda ms: any(m[0] in (Wire.WELCOME, Wire.ERROR) for m in ms), time.monotonic() + setup
-            )
-        finally:
-            self._staging.unlink()
-        for m in got:
-            if m[0] == Wire.ERROR:
-                raise ContractError(m[1])
-        if not any(m[0] == Wire.WELCOME for m in got):
-            raise StepTimeoutError(
-                f"the node actor of node {self.node[:12]} did not answer rank {self.rank} within {setup:.0f} s"
-            )
-        self._handle([m for m in got if m[0] == Wire.STATUS])
 
     # -- status from the node actor -----------------------------------------------------
     def _handle(self, messages: list[Any]) -> None:
@@ -332,7 +304,7 @@ class Bridge:
         v[NO_SLOT] = int(not self._free)
         v[TIMED_OUT] = int(timed_out)
         v[STATE] = -int(self._state_seen)
-        v[BROKEN] = int(bool(self._broken))
+        v[BROKEN] = int(bool(self._broken) and not self._recoverable())
         v[STATE_MAX] = int(self._state_seen)
         self._agreement.fill(passed)
         if not gentle:
@@ -419,6 +391,7 @@ class Bridge:
         step_i, error = self._check(step, arrays)
         error = local_error or error
         self._drain()
+        self._reconnect()
         passed = {n for n, v in arrays.items() if v is not None and self._owns(n)}
         again = sorted(passed & self._step_arrays) if step_i == self._last_step else []
         if error is None and again and self._step_fate is not Fate.NONE:
@@ -445,12 +418,15 @@ class Bridge:
             self._step_arrays |= set(call)
         if agreed[FAILED]:
             if first:
+                if self._gap_start is None:
+                    self._gap_start = (step_i, self._dropped)
                 self._dropped += 1
                 self._step_fate = Fate.DROPPED
             self._on_failure(bool(agreed[BROKEN]) or agreed[STATE_MAX] >= AnalyticsState.DETACHED)
             self._count(first, self._failure_message)
             return
-        if self._failure_message:  # a consumer attached again (e.g. an analytics restarted after a crash)
+        if self._failure_message:  # a consumer attached again, or the node processes came back
+            self._recovered(step_i)
             self._failure_message = ""
             self._failure_seen = ""
             self._analytics_ok = True
@@ -469,6 +445,8 @@ class Bridge:
             if first:
                 self._step_fate = Fate.DROPPED  # unless the wait succeeds (below)
             if not self._block(step_i, first):
+                if first and self._gap_start is None:
+                    self._gap_start = (step_i, self._dropped)
                 self._dropped += int(first)
                 self._count(first, self._failure_message)
                 return
@@ -567,7 +545,7 @@ class Bridge:
     @property
     def stats(self) -> BridgeStats:
         """Steps sent, skipped (back-pressure) and dropped (analytics failed)."""
-        return BridgeStats(self._sent, self._skipped, self._dropped)
+        return BridgeStats(self._sent, self._skipped, self._dropped, self._reconnects)
 
     # -- end -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -577,11 +555,21 @@ class Bridge:
         stays readable by the analytics after this process exits. The bridge's duplicate
         of the communicator is not freed here (``MPI_Comm_free`` is collective, and one
         rank may close while others still run or have failed): ``MPI_Finalize`` releases it.
+        If the node's insitu process died and may be restarted (``node_restarts``), waits for it
+        (at most ``deadline`` seconds after the loss) so that the run closes normally.
         """
         if self._closed:
             return
         self._closed = True
         problem = None
+        while self._recoverable():  # a node process being restarted: its close must reach the new one
+            self._reconnect()
+            if self._broken:
+                time.sleep(0.25)
+        if self._gap_start is not None:  # the run ends inside a gap: it lasts to the last step
+            first, before = self._gap_start
+            self.gaps.append((first, self._last_step, self._dropped - before))
+            self._gap_start = None
         try:
             if self._channel is not None and not self._channel.closed and not self._broken:
                 self._channel.send((Wire.CLOSE, self._last_step))
@@ -604,13 +592,7 @@ class Bridge:
     def _release(self, collective: bool = True) -> None:
         """Release this rank's resources; ``collective`` (every rank of the bridge is here, as
         on an agreed set-up failure) also frees the duplicated communicator."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self._staging is not None:
-            self._views = []
-            self._staging.close()
-            self._staging = None
+        self._drop_link()
         self._leave_driver()
         if self._comm is not None and collective:
             self._comm.Free()

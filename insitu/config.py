@@ -99,6 +99,11 @@ class Config:
         are new worker processes: seconds each on a loaded node); at least ``deadline``.
     reclaim_deadline
         Seconds a run's actors wait for a missing side before reclaiming everything.
+    node_restarts
+        Times the insitu process of one node is restarted on its node after it died
+        (``INSITU_NODE_RESTARTS``, 0: never; the run then ends for the consumers with
+        ``NodeLostError``). Its ranks reconnect at their next ``send``; the steps of the gap
+        are dropped and reported (docs/architecture.md, "Recovery of a node process").
     namespace
         Ray namespace of the run's named actors.
     shm_dir
@@ -161,6 +166,7 @@ class Config:
     deadline: float = 120.0
     startup_deadline: float = 120.0
     reclaim_deadline: float = 120.0
+    node_restarts: int = 3
     namespace: str = "insitu"
     shm_dir: str = dataclasses.field(default_factory=_default_shm_dir)
     slots: int = 2
@@ -251,7 +257,7 @@ def _coerce(name: str, value: Any) -> Any:
         if number < 1:
             raise ConfigError(f"{name} ({env}) must be >= 1; got {number}")
         return number
-    if name == "monitor_max_restarts":
+    if name in ("monitor_max_restarts", "node_restarts"):
         try:
             return max(0, int(value))
         except (TypeError, ValueError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "AnalyticsFailedError",
     "BackpressureTimeout",
+    "BlocksLostError",
     "BypassError",
     "CallbackError",
     "ConfigError",
@@ -94,6 +95,18 @@ class NodeLostError(InsituError, RuntimeError):
     Raised by ``Analytics.run``; the message names the node (address and id), its ranks and the
     last complete step.
     """
+
+
+class BlocksLostError(InsituError, RuntimeError):
+    """Blocks of a step died with the insitu process of their node, which was restarted: that step
+    cannot be computed. Handed to a callback's ``on_error`` (else logged and counted in
+    ``RunSummary.lost``); the run goes on with the steps after the gap.
+    """
+
+    def __init__(self, message: str, *, step: int, nodes: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.step = step
+        self.nodes = nodes
 
 
 class CallbackError(InsituError, RuntimeError):

@@ -28,6 +28,7 @@ __all__ = [
     "Attached",
     "ChunkRef",
     "DriverHello",
+    "Gap",
     "DriverRefused",
     "EndReason",
     "GroupStep",
@@ -150,6 +151,8 @@ class NodeStep:
     """The arrays of the simulation's call (``None``: every declared array). A step sent in
     several calls yields one message per call; nodes holding no block of them send none in
     ``arrays``, so every node sends one message per call."""
+    epoch: int = 0
+    """The node process' incarnation (0, then 1, 2, ... after restarts); ``seq`` counts per epoch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,31 @@ class StepData:
 
     step: int
     parts: tuple[tuple[str, str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Steps a consumer will never get because the insitu process of a node died and was
+    restarted (handed over in the stream, before the first step after the gap).
+
+    ``after`` is the last step complete before the loss (-1: none), ``resume`` the first
+    step complete after the restart; the steps in between were dropped (by the ranks while
+    their node process was down, or by the head as incomplete: ``incomplete``). Blocks of
+    that node held in windows or retained steps died with its process (``lost_retained``
+    lists the retained steps removed at the head; the analytics clears its windows itself).
+    """
+
+    node: str
+    node_ip: str
+    after: int
+    resume: int
+    incomplete: tuple[int, ...] = ()
+    lost_retained: tuple[int, ...] = ()
+
+    @property
+    def missing(self) -> range:
+        """The steps between ``after`` and ``resume`` (those the simulation sent are lost)."""
+        return range(self.after + 1, self.resume)
 
 
 @dataclass(frozen=True, slots=True)

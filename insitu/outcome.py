@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from insitu.messages import EndReason, RunEnd
+from insitu.messages import EndReason, Gap, RunEnd
 
 __all__ = ["BlockRef", "RunSummary", "lost_node_end"]
 
@@ -32,6 +32,11 @@ class RunSummary:
     dropped_before_attach: int | None = None
     """For such an analytics: the steps the simulation had dropped when it attached (every gap so
     far; steps dropped after the attach, until the ranks learn of it, count in the next figure)."""
+    gaps: tuple[Gap, ...] = ()
+    """Node processes that died and were restarted while this analytics ran: the steps each cost."""
+    lost: tuple[int, ...] = ()
+    """Steps whose callbacks could not compute because their blocks died with a node process
+    (:class:`~insitu.errors.BlocksLostError`, not handled by an ``on_error``)."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,7 @@ def lost_node_end(head: Any, exc: BaseException, wait: float = 15.0) -> RunEnd |
     """
     import ray
 
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    if not any(isinstance(x, ray.exceptions.RayError) and not isinstance(x, ray.exceptions.RayTaskError)
-               for x in chain):  # fmt: skip
+    if not _ray_lost_something(exc):
         return None
     end = time.monotonic() + wait
     while time.monotonic() < end:
@@ -68,5 +67,40 @@ def lost_node_end(head: Any, exc: BaseException, wait: float = 15.0) -> RunEnd |
             return None
         if got is not None:
             return got if got.reason == EndReason.NODE_LOST else None
+        time.sleep(0.25)
+    return None
+
+
+def _ray_lost_something(exc: BaseException) -> bool:
+    """Whether Ray (not the user's code) raised somewhere in ``exc``'s chain: lost data or worker."""
+    import ray
+
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return any(isinstance(x, ray.exceptions.RayError) and not isinstance(x, ray.exceptions.RayTaskError)
+               for x in chain)  # fmt: skip
+
+
+def lost_to_restart(head: Any, exc: BaseException, wait: float = 15.0) -> tuple[str, ...] | None:
+    """The restarted nodes if ``exc`` (a callback's failure) came from Ray losing data while the run
+    goes on after a node process restart (its blocks died with it), else ``None`` (also when the
+    run ended with ``NODE_LOST``: :func:`lost_node_end` then says so)."""
+    import ray
+
+    if not _ray_lost_something(exc):
+        return None
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            ended, restarted = ray.get(head.losses.remote(), timeout=wait)
+        except ray.exceptions.RayError:
+            return None
+        if ended is not None:
+            return None
+        if restarted:
+            return tuple(restarted)
         time.sleep(0.25)
     return None

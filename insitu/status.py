@@ -139,6 +139,9 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  assembling step {a['step']} ({a['arrays']}): waiting for {len(a['missing_nodes'])} node(s)")
     if doc["restart_pending_s"] is not None:
         lines.append(f"  a supervised analytics is restarting ({doc['restart_pending_s']:.0f} s of grace left)")
+    for r in doc.get("node_restarts", []):
+        gap = "down" if r["resume"] is None else f"steps {r['after'] + 1}..{r['resume'] - 1} lost"
+        lines.append(f"  node {r['node'][:12]} process restarted (epoch {r['epoch']}): {gap}")
     lines.append(f"  skipped {doc['skipped']}, dropped {doc['dropped']}"
                  + (f" ({'; '.join(doc['drop_reasons'])})" if doc["drop_reasons"] else ""))  # fmt: skip
     lines.append("consumers:")

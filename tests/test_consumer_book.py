@@ -62,3 +62,28 @@ def test_held_steps_count_a_step_once_whether_retained_queued_or_both() -> None:
     first.ready.clear()
     second.ready.clear()
     assert book.describe(now=2.0)[1] == {"u": 1}  # the window of 2 keeps step 2 for first's next call
+
+
+def test_a_restarted_node_takes_its_queued_and_retained_steps_and_the_gap_goes_to_every_consumer() -> None:
+    from insitu.messages import Gap
+
+    def two_nodes(s: int) -> StepData:
+        return StepData(s, (("u", "node-a", f"a{s}"), ("u", "node-b", f"b{s}")))
+
+    book = ConsumerBook()
+    slow = book.attach(ConsumerKind.ANALYTICS, {"u": 3}, now=0.0)  # retains 2 steps of u for its window
+    for s in range(4):
+        book.deliver(two_nodes(s))
+    book.done(slow.id, 1)
+    slow.ready.popleft()
+    slow.ready.popleft()  # steps 0 and 1 handed over; 2 and 3 still queued
+    book.deliver(StepData(4, (("u", "node-b", "b4"),)))  # a call without blocks on node-a
+    lost = book.lose_node("node-a")
+    assert lost == (0, 1, 2, 3)  # queued (2, 3) and retained for the window (0, 1); step 4 never held node-a
+    assert [d.step for d in slow.ready] == [4]
+    assert all(s > 3 for s in book.retained_steps().get("u", []))
+    gap = Gap("node-a", "10.0.0.1", after=3, resume=9, lost_retained=lost)
+    book.deliver_gap(gap)
+    assert list(slow.ready)[-1] is gap and list(gap.missing) == [4, 5, 6, 7, 8]
+    consumers, held = book.describe(now=1.0)  # insitu status reads a queue holding a gap
+    assert consumers[0]["queued"] == 2 and held == {"u": 1}

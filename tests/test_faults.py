@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from insitu.cluster.local import LocalCluster
@@ -58,12 +60,12 @@ def test_the_simulation_finishes_without_hanging_when_the_cluster_goes_away() ->
         assert [e["event"] for e in events][-1] == "done"
 
 
-def _running(cluster: Any, run: str) -> tuple[list[int], list[BaseException], threading.Thread, Any]:
+def _running(cluster: Any, run: str, restarts: int = 0) -> tuple[list[int], list[BaseException], threading.Thread, Any]:
     """An analytics on ``u`` in a thread (steps seen, its failure) and a 4-rank, 400-step simulation
-    that has sent at least 5 steps."""
+    that has sent at least 5 steps; node processes restarted ``restarts`` times."""
     from tests.test_failures import make_analytics
 
-    analytics = make_analytics(run)
+    analytics = make_analytics(run, node_restarts=restarts)
     seen: list[int] = []
     analytics.on_step("u")(lambda step, u: seen.append(step))
     failure: list[BaseException] = []
@@ -76,7 +78,8 @@ def _running(cluster: Any, run: str) -> tuple[list[int], list[BaseException], th
 
     thread = threading.Thread(target=consume)
     thread.start()
-    sim = start_sim(cluster, 4, {"run": run, "steps": 400, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
+    sim = start_sim(cluster, 4, {"run": run, "steps": 400, "sleep": 0.05, "config": {"node_restarts": restarts}},
+                    env={"INSITU_DEADLINE": "20"})  # fmt: skip
     end = time.monotonic() + 120
     while _sent(sim) < 5 and time.monotonic() < end:
         time.sleep(0.2)
@@ -85,7 +88,8 @@ def _running(cluster: Any, run: str) -> tuple[list[int], list[BaseException], th
 
 
 def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluster: Any) -> None:
-    """SIGKILL to the node actor of the second node mid-run: the analytics ends with NodeLostError naming
+    """SIGKILL to the node actor of the second node mid-run, without restarts (``node_restarts=0``): the
+    analytics ends with NodeLostError naming
     the node's address, id and ranks and the last complete step, not a generic timeout; the simulation
     warns once, naming the node, drops the later steps and finishes."""
     import ray
@@ -199,3 +203,86 @@ def test_a_lost_raylet_is_named_by_the_analytics_and_the_simulation() -> None:
         sent = [e["step"] for e in events if e["event"] == "sent"]
         dropped = [e["step"] for e in events if e["event"] == "dropped"]
         assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 200))
+
+
+def test_a_lost_node_process_is_restarted_and_the_run_goes_on_after_the_gap(cluster: Any) -> None:
+    """SIGKILL to the node actor of the second node mid-run (``node_restarts`` 3 by default): Ray restarts
+    it on its node, its ranks reconnect at their next send, the run goes on. Both sides report the gap:
+    the ranks dropped one contiguous range of steps (the same on every rank; a warning when it began and
+    one when steps flowed again), the analytics gets one Gap naming the node, never a step inside it,
+    and every other step with exact values; ``insitu status`` lists the restart."""
+    import pytest
+    import ray
+
+    from insitu.actors.head import head_name
+    from insitu.messages import Gap
+    from tests.conftest import expected_field
+    from tests.test_failures import make_analytics, same_everywhere
+
+    run, steps = run_name("restart"), 300
+    analytics = make_analytics(run)
+    seen: dict[int, float] = {}
+    gaps: list[Gap] = []
+    analytics.on_gap(gaps.append)
+    analytics.on_step("u")(lambda step, u: seen.__setitem__(step, float(u[0].mean().compute())))
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("summary", analytics.run()))
+    thread.start()
+    sim = start_sim(cluster, 4, {"run": run, "steps": steps, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
+    end = time.monotonic() + 120
+    while _sent(sim) < 20 and time.monotonic() < end:
+        time.sleep(0.2)
+    head = ray.get_actor(head_name(run), namespace="insitu")
+    pids = ray.get(head.node_processes.remote(), timeout=30)
+    ip_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    lost = next(n for n in pids if ip_of[n] == cluster.node_ips[1])  # ranks 2 and 3 live there
+    os.kill(pids[lost], signal.SIGKILL)
+    end = time.monotonic() + 60
+    while not gaps and time.monotonic() < end:
+        time.sleep(0.2)
+    assert gaps, "no gap reached the analytics within 60 s of the kill"
+    restarts = ray.get(head.status.remote(), timeout=30)["node_restarts"]
+    assert [(r["node"], r["epoch"], r["after"], r["resume"]) for r in restarts] == [
+        (lost, 1, gaps[0].after, gaps[0].resume)]  # fmt: skip
+    result = finish_sim(sim, timeout=180)
+    thread.join(120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = outcome["summary"]
+    (gap,) = summary.gaps
+    assert gaps == [gap] and gap.node == lost and gap.node_ip == cluster.node_ips[1]
+    per_rank = {}
+    for rank in range(4):
+        events = [e for e in result.events if e["rank"] == rank]
+        dropped = [e["step"] for e in events if e["event"] == "dropped"]
+        done = next(e for e in events if e["event"] == "done")
+        per_rank[rank] = (tuple(dropped), done["gaps"], done["dropped"], done["ok"])
+    dropped, bridge_gaps, count, ok = same_everywhere(per_rank, 4)
+    assert dropped and list(dropped) == list(range(dropped[0], dropped[-1] + 1)) and ok
+    assert bridge_gaps == [[dropped[0], dropped[-1], len(dropped)]] and count == len(dropped)
+    assert result.stderr.count("steps flow again from step") == 1, result.stderr[-3000:]
+    assert gap.after < dropped[0] and dropped[-1] < gap.resume  # the ranks' gap lies inside the consumer's
+    assert not set(seen) & set(gap.missing)
+    assert set(seen) == set(range(steps)) - set(gap.missing) - set(gap.lost_retained) - set(summary.lost)
+    assert gap.resume in seen and max(seen) == steps - 1
+    for step, mean in seen.items():
+        assert mean == pytest.approx(expected_field(step, (8, 6)).mean())
+
+
+def test_a_short_soak_with_two_node_process_kills_loses_only_the_gaps_and_leaves_nothing() -> None:
+    """``benchmarks/soak.py`` in short (1,000 steps at 64 KiB per rank, node processes SIGKILLed at
+    steps 300 and 600, one per node): every value checked, the steps lost are exactly the gaps both
+    sides were told of, RSS, descriptors and store bytes stay flat, nothing is left at the end."""
+    out = Path(tempfile.mkdtemp(prefix="insitu-soak-test-")) / "soak.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--steps", "1000", "--kill-every", "300",
+                           "--sample-every", "250", "--pace", "0.01", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400, check=False)  # fmt: skip
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
+    record = json.loads(out.read_text())
+    assert record["sim_exit"] == 0, record["sim_stderr_tail"]
+    assert len(record["kills"]) == 2 and len({k["node"] for k in record["kills"]}) == 2
+    assert len(record["gaps"]) == 2 and not record["wrong_values"]
+    assert record["loss_equals_gaps"], {k: record[k] for k in ("gaps", "ranks_gaps", "steps_missing", "steps_seen")}
+    assert record["flat"], record["samples"]
+    assert record["nothing_left"]
+    assert proc.returncode == 0, proc.stdout[-2000:]

@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from insitu.messages import AnalyticsState, StepData
+from insitu.messages import AnalyticsState, Gap, StepData
 
 __all__ = ["OBSERVER_QUEUE", "Consumer", "ConsumerBook", "ConsumerKind", "ConsumerState"]
 
@@ -73,7 +73,7 @@ class Consumer:
     windows: dict[str, int]
     """Arrays it reads, each with its largest window."""
     last_poll: float
-    ready: deque[StepData] = field(default_factory=deque)
+    ready: deque[StepData | Gap] = field(default_factory=deque)
     completed: int = NO_STEP
     state: ConsumerState = ConsumerState.ATTACHED
     failure: str = ""
@@ -261,7 +261,7 @@ class ConsumerBook:
         steps: dict[str, set[int]] = {a: {s for s, _ in q} for a, q in self._retained.items()}
         for c in (c for c in self.consumers.values() if c.state == ConsumerState.ATTACHED):
             for d in c.ready:  # a step queued for several consumers, or also retained, is held once
-                for a in {p[0] for p in d.parts}:
+                for a in {p[0] for p in d.parts} if isinstance(d, StepData) else ():
                     steps.setdefault(a, set()).add(d.step)
         return consumers, {a: len(held) for a, held in steps.items()}
 
@@ -285,6 +285,31 @@ class ConsumerBook:
         if not registered and not self.had_consumers() and now - created > grace:
             return f"nobody attached within {grace:.0f} s"
         return ""
+
+    def lose_node(self, node: str) -> tuple[int, ...]:
+        """The blocks of ``node`` died with its process (restarted): drop every queued, backlogged
+        and retained step holding one; return those steps."""
+        lost: set[int] = set()
+
+        def holds(d: StepData) -> bool:
+            return any(p[1] == node for p in d.parts)
+
+        for q in [c.ready for c in self.consumers.values()] + [self._backlog]:
+            kept = [d for d in q if not (isinstance(d, StepData) and holds(d))]
+            lost.update(d.step for d in q if isinstance(d, StepData) and holds(d))
+            q.clear()
+            q.extend(kept)
+        for array, retained in self._retained.items():
+            gone = {s for s, parts in retained if any(p[1] == node for p in parts)}
+            lost.update(gone)
+            self._retained[array] = deque((s, p) for s, p in retained if s not in gone)
+        return tuple(sorted(lost))
+
+    def deliver_gap(self, gap: Gap) -> None:
+        """Queue ``gap`` for every attached consumer, before the steps after it."""
+        for c in self.consumers.values():
+            if c.state == ConsumerState.ATTACHED:
+                c.ready.append(gap)
 
     def clear(self) -> None:
         """Drop every queue and retained step (the run ended badly or is reclaimed)."""

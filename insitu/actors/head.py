@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from insitu.actors.consumers import ConsumerBook, ConsumerState
 from insitu.actors.node import NodeActor
 from insitu.actors.ordering import InOrder
+from insitu.actors.recovery import NodeRecovery, NodeWatch
 from insitu.actors.relay import StepRelay
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE
@@ -29,6 +30,7 @@ from insitu.errors import ContractError, StepTimeoutError
 from insitu.messages import (
     Attached,
     EndReason,
+    Gap,
     GroupStep,
     NodeStep,
     RunEnd,
@@ -39,7 +41,6 @@ from insitu.messages import (
     StepData,
     Waiting,
 )
-from insitu.reach import listens
 
 __all__ = ["HeadActor", "get_or_create_head", "head_name", "relay_name"]
 
@@ -59,7 +60,7 @@ def relay_name(run: str, level: int, index: int) -> str:
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
-class HeadActor:
+class HeadActor(NodeWatch):
     """See the module docstring."""
 
     def __init__(self, run: str, config: Config) -> None:
@@ -94,6 +95,8 @@ class HeadActor:
         self._parent_relay: dict[str, str] = {}  # unit -> the step relay it reports to (none: the head)
         self._nodes_doc: list[dict[str, Any]] | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        self._recovery = NodeRecovery(config.node_restarts)
+        self._registered = False  # node actors started and their addresses known (nodes() answers then)
 
     # -- helpers -----------------------------------------------------------------
     def _wake(self) -> None:
@@ -155,7 +158,8 @@ class HeadActor:
                 nodes[node]
                 if nodes is not None
                 else NodeActor.options(  # type: ignore[attr-defined]
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                    max_restarts=0 if len(ordered) > self._cfg.fanin else self._cfg.node_restarts,
                 ).remote(self._run, node, me, tuple(by_node[node]))
             )
         handles: dict[str, Any] = dict(self._nodes)
@@ -163,6 +167,7 @@ class HeadActor:
         children: dict[str, tuple[str, ...]] = {}  # relay -> its units
         level, top = 0, list(ordered)
         if len(ordered) > self._cfg.fanin:
+            self._recovery.restarts = 0  # nodes under relays are not restarted (insitu.actors.recovery)
             while level == 0 or len(top) > self._cfg.head_fanin:
                 level += 1
                 size = self._cfg.fanin if level == 1 else max(self._cfg.fanin, 2)  # levels above 1 always shrink
@@ -199,43 +204,15 @@ class HeadActor:
                 f"on nodes {[n[:12] for n in self._nodes]}"
             ) from None
         self._wake()
+        self._recovery.addresses = dict(zip(ordered, addresses[: len(ordered)], strict=True))
         if nodes is None:  # real node actors: learn their death at once (impersonated ones have no park)
             self._node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
             self._raylets = {n["NodeID"]: (n["NodeManagerAddress"], n["NodeManagerPort"]) for n in ray.nodes()}
             loop = asyncio.get_running_loop()
             for node in ordered:
                 self._watchers.append(loop.create_task(self._watch_node(node, self._nodes[node])))
+        self._registered = True
         return dict(zip(ordered, addresses[: len(ordered)], strict=True))
-
-    async def _watch_node(self, node: str, actor: Any) -> None:
-        try:
-            await actor.park.remote()
-        except Exception:  # any failure of the park call means the node's process is gone
-            pass
-        if self._end is None and not self._torn_down:
-            host, port = self._raylets.get(node, ("", 0))
-            raylet_gone = bool(port) and not await asyncio.to_thread(listens, f"{host}:{port}")
-            if self._end is None and not self._torn_down:
-                self._node_lost(node, raylet_gone)
-
-    def _node_lost(self, node: str, raylet_gone: bool = False) -> None:
-        """A node actor died mid-run: no later step can complete. Tell the consumers (a specific end of
-        the stream) and the ranks (the status' failure), naming the node, whether its raylet went too,
-        and the last complete step."""
-        assert self._sim is not None
-        ranks = [r for r, n in enumerate(self._sim.rank_nodes) if n == node]
-        last = self._book.last_step
-        after = "before any step completed" if last == _NO_STEP else f"after step {last}, the last complete step"
-        what = "the insitu node process"
-        if raylet_gone:
-            host, port = self._raylets[node]
-            what = f"the raylet (node manager {host}:{port} refuses connections) and with it the insitu node process"
-        message = (f"{what} of node {self._node_ips.get(node, '?')} (id {node[:12]}, ranks "
-                   f"{ranks}) of run {self._run!r} died {after}; later steps cannot complete and are lost")  # fmt: skip
-        log.warning("%s", message)
-        self._book.last_failure = message
-        self._finish(RunEnd(EndReason.NODE_LOST, message, -1 if last == _NO_STEP else last))
-        self._push()
 
     async def status(self) -> dict[str, Any]:
         """The head's part of ``insitu status`` (docs/status.md): plain data from its memory, no call out,
@@ -259,6 +236,7 @@ class HeadActor:
             "ranks_told": book.sim_state().name.lower(), "failures": book.failures, "last_failure": book.last_failure,
             "restart_pending_s": None if book.restart_until is None else round(book.restart_until - now, 3),
             "consumers": consumers, "retained": book.retained_steps(), "held_steps": held,
+            "node_restarts": self._recovery.describe(),
         }  # fmt: skip
 
     def _in_flight(self) -> int:
@@ -270,7 +248,7 @@ class HeadActor:
 
     def _node_entries(self) -> list[dict[str, Any]]:
         """Each node's id, address, ranks and route: fixed at registration, built once (status stays cheap)."""
-        if self._nodes_doc is None and self._sim is not None:
+        if self._nodes_doc is None and self._registered and self._sim is not None:  # addresses come last
             by_node: dict[str, list[int]] = {}
             for rank, node in enumerate(self._sim.rank_nodes):
                 by_node.setdefault(node, []).append(rank)
@@ -296,8 +274,14 @@ class HeadActor:
 
     async def node_step(self, msg: NodeStep) -> None:
         """A node reporting directly delivered one step (once per node per step)."""
-        for m in self._order.push(msg.node, msg.seq, msg):  # a node's steps are handled in its own order
-            self._unit_step(m.node, m.step, m.arrays, m.refs, m.part)
+        sender = self._recovery.sender(msg.node, msg.epoch)
+        if sender is None:
+            return  # a dead incarnation's late message: its blocks died with it
+        for m in self._order.push(sender, msg.seq, msg):  # a node's steps are handled in its own order
+            if m.epoch:
+                self._resume(m.node, m.step)
+            if m.step >= self._recovery.floor:  # else another node's late message from before a gap
+                self._unit_step(m.node, m.step, m.arrays, m.refs, m.part)
         self._maybe_closed()  # after the whole batch: the order counts it handed over before they were handled
 
     async def group_step(self, msg: GroupStep) -> None:
@@ -321,9 +305,11 @@ class HeadActor:
             self._book_last = step
             self._wake()
 
-    async def node_closed(self, unit: str, last_step: int, messages: int) -> None:
+    async def node_closed(self, unit: str, last_step: int, messages: int, epoch: int = 0) -> None:
         """Every rank of ``unit`` (a node, or every node of a relay's group) closed after
-        ``unit`` sent ``messages`` step messages."""
+        ``unit`` sent ``messages`` step messages (in its ``epoch``: see :mod:`insitu.actors.recovery`)."""
+        if self._recovery.sender(unit, epoch) is None:
+            return
         self._closed_units[unit] = last_step
         self._sent_by_unit[unit] = messages
         self._maybe_closed()
@@ -332,9 +318,12 @@ class HeadActor:
         # Ray may run a node's close before its last step messages: end only once all arrived
         # (and were handled: never call this between messages of one InOrder batch)
         if self._sent_by_unit and len(self._closed_units) == len(self._units) and all(
-            self._order.count(u) >= sent for u, sent in self._sent_by_unit.items()
+            self._order.count(self._recovery.key(u)) >= sent for u, sent in self._sent_by_unit.items()
         ):
-            self._finish(RunEnd(EndReason.CLOSED, "", max(self._closed_units.values())))
+            last = max(self._closed_units.values())
+            for node in self._recovery.recovering():  # restarted, but the run ended before a step came
+                self._resume(node, last + 1)
+            self._finish(RunEnd(EndReason.CLOSED, "", last))
 
     async def rank_failed(self, node: str, rank: int) -> None:
         """A rank disconnected without closing (crash, kill).
@@ -444,7 +433,7 @@ class HeadActor:
         timeout: float,
         done: tuple[int, tuple[tuple[str, Any], ...]] | None = None,
         seq: int | None = None,
-    ) -> list[StepData | RunEnd] | Waiting:
+    ) -> list[StepData | RunEnd | Gap] | Waiting:
         """Complete steps in order for ``consumer`` (handed over), or the end of the stream.
 
         ``done`` = ``(step, sets)`` reports the consumer's last finished step and the steering
@@ -465,7 +454,7 @@ class HeadActor:
                 if left <= 0:
                     return Waiting(self._describe_wait(), self._missing())
                 await self._wait(left)
-            out: list[StepData | RunEnd] = list(c.ready)
+            out: list[StepData | RunEnd | Gap] = list(c.ready)
             c.ready.clear()
             if self._end is not None and not out:
                 out.append(self._end)
@@ -545,6 +534,11 @@ class HeadActor:
     async def detach(self, consumer: int, seq: int | None = None) -> None:
         """``consumer`` is done with this run (after its earlier messages: a detach never hides a failure)."""
         self._in_order(consumer, seq, lambda: self._leave(consumer, ConsumerState.DETACHED, "the analytics detached"))
+
+    async def losses(self) -> tuple[RunEnd | None, list[str]]:
+        """The run's ``NODE_LOST`` end, if so, and the nodes whose process was restarted."""
+        ended = self._end if self._end is not None and self._end.reason == EndReason.NODE_LOST else None
+        return ended, [n for n in self._nodes if self._recovery.epoch(n)]
 
     async def end(self) -> RunEnd | None:
         """How the run ended, ``None`` while it goes on (a consumer whose data vanished asks)."""

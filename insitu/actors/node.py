@@ -69,21 +69,26 @@ class NodeActor:
         self._early: dict[int, Status] = {}
         self._next_seq = 0
         self._last_step = -1
+        self._epoch = 0
 
-    async def start(self, status: Status, parent: Any = None) -> str:
+    async def start(self, status: Status, parent: Any = None, address: str = "", epoch: int = 0) -> str:
         """Open the rank socket (abstract Unix namespace) and return its address.
 
         ``parent`` receives this node's step and close messages: the head, or the
-        :class:`~insitu.actors.relay.StepRelay` of its group on large runs.
+        :class:`~insitu.actors.relay.StepRelay` of its group on large runs. ``address``
+        and ``epoch``: a restarted process (Ray re-ran the constructor) opens the address of
+        its first incarnation, where the ranks reconnect, and numbers its messages anew in
+        its ``epoch``.
         """
         if parent is not None:
             self._parent = parent
+        self._epoch = epoch
         self._status = status
         self._history = {}
         self._remember(status.updates)
         self._next_seq = status.seq + 1
         self._apply_statuses()
-        address = f"\0insitu-{self._run}-{self._node[:12]}-{uuid.uuid4().hex[:8]}"
+        address = address or f"\0insitu-{self._run}-{self._node[:12]}-{uuid.uuid4().hex[:8]}"
         self._server = await asyncio.start_unix_server(self._serve, path=address)
         return address
 
@@ -159,7 +164,7 @@ class NodeActor:
                     writer.write(encode_frame((Wire.CLOSED,)))
                     await writer.drain()
                     if all(s.closed for s in self._ranks.values()) and len(self._ranks) == len(self._expected):
-                        self._parent.node_closed.remote(self._node, self._last_step, self._messages)
+                        self._parent.node_closed.remote(self._node, self._last_step, self._messages, self._epoch)
                     return
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -188,7 +193,7 @@ class NodeActor:
         names, refs = await loop.run_in_executor(self._executor, self._put, staged, part)
         for st, sl in staged:
             st.writer.write(encode_frame((Wire.FREE, sl)))
-        self._parent.node_step.remote(NodeStep(self._node, step, names, refs, self._messages, part))
+        self._parent.node_step.remote(NodeStep(self._node, step, names, refs, self._messages, part, self._epoch))
         self._messages += 1
 
     def _hello(self, msg: tuple[Any, ...], writer: asyncio.StreamWriter) -> _RankState:

@@ -93,8 +93,9 @@ class StepRelay:
         self._parent.group_step.remote(GroupStep(self._name, step, names, refs, self._sent, part))
         self._sent += 1
 
-    async def node_closed(self, unit: str, last_step: int, messages: int) -> None:
-        """Every rank below ``unit`` closed after ``unit`` sent ``messages`` step messages."""
+    async def node_closed(self, unit: str, last_step: int, messages: int, epoch: int = 0) -> None:
+        """Every rank below ``unit`` closed after ``unit`` sent ``messages`` step messages (nodes under a
+        relay are not restarted: ``epoch`` is always 0 here)."""
         self._closed[unit] = (last_step, messages)
         self._maybe_closed()
 

@@ -176,6 +176,8 @@ def main() -> int:
         skipped=s.skipped,
         dropped=s.dropped,
         ok=bridge.analytics_ok,
+        reconnects=s.reconnects,
+        gaps=bridge.gaps,
     )
     return 0
 
