@@ -219,7 +219,7 @@ def test_a_lost_node_process_is_restarted_and_the_run_goes_on_after_the_gap(clus
     from tests.conftest import expected_field
     from tests.test_failures import make_analytics, same_everywhere
 
-    run, steps = run_name("restart"), 300
+    run, steps = run_name("restart"), 200
     analytics = make_analytics(run)
     seen: dict[int, float] = {}
     gaps: list[Gap] = []

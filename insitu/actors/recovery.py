@@ -152,10 +152,12 @@ class NodeWatch:
         epoch = self._recovery.begin(node, last)
         log.warning("run %s: the insitu process of node %s (id %s) died after step %s; restarting it (epoch %d)",
                     self._run, self._node_ips.get(node, "?"), node[:12], last, epoch)  # fmt: skip
-        status = self._status(full=True)  # steering history included; the next push follows its seq
         end = time.monotonic() + self._cfg.deadline
         try:
             while True:  # Ray answers ActorUnavailableError while the process is being restarted
+                # a full status (steering history included) taken right before the call: pushes that failed
+                # while the process was down are in it, and the next push follows its seq
+                status = self._status(full=True)
                 try:
                     await asyncio.wait_for(actor.start.remote(status, None, self._recovery.addresses[node], epoch),
                                            max(0.1, end - time.monotonic()))  # fmt: skip
@@ -176,6 +178,7 @@ class NodeWatch:
         after = self._recovery.resumed(node, step)
         if after is None:
             return
+        after = max(after, -1)  # -1: lost before any step completed
         incomplete = tuple(sorted({s for s, _ in self._partial if s < step}))
         for key in [k for k in self._partial if k[0] < step]:
             del self._partial[key]
