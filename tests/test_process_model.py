@@ -109,3 +109,36 @@ def test_relays_carry_steps_statuses_and_the_close(cluster: Any) -> None:
     assert (stats["units"], stats["relays"]) == (1, 3)
     assert list(stats["messages"]) == [f"insitu-relay-{run}-2-0"], stats["messages"]  # only the top relay
     assert wait_gone(run)
+
+
+def test_a_relay_forwards_the_pushes_that_came_before_it_started(cluster: Any) -> None:
+    """A consumer attaching while the run registers makes the head push a status before the relays are
+    started: the relay keeps it and forwards it at start (found in CI: a lost push left the nodes
+    waiting for that sequence number, the ranks stalled under back-pressure)."""
+    import ray
+
+    from insitu.actors.relay import StepRelay
+    from insitu.messages import AnalyticsState, Status
+
+    @ray.remote(num_cpus=0)
+    class Member:
+        def __init__(self) -> None:
+            self.seqs: list[int] = []
+
+        async def update(self, status: Status) -> None:
+            self.seqs.append(status.seq)
+
+        async def got(self) -> list[int]:
+            return self.seqs
+
+    member = Member.remote()
+    relay = StepRelay.remote(run_name("early"), "relay-early", ("n1",))  # type: ignore[attr-defined]
+    ray.get(relay.update.remote(Status(-1, AnalyticsState.ATTACHED, (), "", 1)))
+    ray.get(relay.start.remote({"n1": member}, None))
+    ray.get(relay.update.remote(Status(-1, AnalyticsState.ATTACHED, (), "", 2)))
+    end = time.monotonic() + 10
+    while ray.get(member.got.remote()) != [1, 2] and time.monotonic() < end:
+        time.sleep(0.1)
+    assert ray.get(member.got.remote()) == [1, 2]
+    ray.kill(relay)
+    ray.kill(member)

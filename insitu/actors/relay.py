@@ -46,14 +46,25 @@ class StepRelay:
         self._pending: dict[tuple[int, tuple[str, ...] | None], dict[str, tuple[tuple[str, Any], ...]]] = {}
         self._sent = 0
         self._closed: dict[str, tuple[int, int]] = {}  # unit -> (last step, messages sent)
+        self._early: list[Status] | None = []  # pushes that came before start (None once started)
 
     async def start(self, members: dict[str, Any], parent: Any) -> None:
-        """The group's actors (created by the head with this relay) and where to report."""
+        """The group's actors (created by the head with this relay) and where to report; pushes that
+        came first (a consumer attaching while the run registers) are forwarded now, not lost."""
         self._members = dict(members)
         self._parent = parent
+        early, self._early = self._early or [], None
+        for status in early:
+            self._forward_status(status)
 
     async def update(self, status: Status) -> None:
         """Forward a status push to every unit of the group (node actors apply pushes in order)."""
+        if self._early is not None:
+            self._early.append(status)
+            return
+        self._forward_status(status)
+
+    def _forward_status(self, status: Status) -> None:
         for member in self._members.values():
             member.update.remote(status)
 
