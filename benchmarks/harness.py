@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from insitu.interrupt import end_processes
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KIB, MIB = 1024, 1024 * 1024
@@ -240,7 +242,10 @@ class Runner:
         os.environ.update(self.cluster.environment())
         import ray
 
-        ray.init(address=self.cluster.address, namespace="insitu", logging_level=logging.WARNING, log_to_driver=False)
+        from insitu.comm import init_ray
+
+        # the harness's SIGTERM handler stays (benchmarks.run tears its cluster down on it)
+        init_ray(address=self.cluster.address, namespace="insitu", logging_level=logging.WARNING, log_to_driver=False)
         end = time.monotonic() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < nodes and time.monotonic() < end:
             time.sleep(0.2)
@@ -248,10 +253,11 @@ class Runner:
 
     def close(self) -> None:
         """Disconnect and stop the cluster (by session id)."""
-        import ray
+        from insitu.comm import shutdown_ray
 
-        ray.shutdown()
+        shutdown_ray()
         self.cluster.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
 
     def _wait_head(self, run: str, deadline: float) -> None:
         import ray
@@ -324,13 +330,30 @@ class Runner:
                 if step == total_steps - 1:
                     done["head"] = ray.get(ray.get_actor(head_name(run), namespace="insitu").stats.remote())
 
-            thread = threading.Thread(target=lambda: done.update(summary=ana.run()))
+            def consume() -> None:
+                try:
+                    done["summary"] = ana.run()
+                except Exception as exc:  # noqa: BLE001 - reported by the caller, with the simulation's
+                    done["error"] = exc
+
+            thread = threading.Thread(target=consume)
             thread.start()
         try:
             launch = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False, cwd=cwd)
+            sim = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+            try:
+                _, stderr = sim.communicate(timeout=1800)
+            finally:  # interrupted (SIGTERM/SIGINT) or timed out: the ranks go first
+                end_processes([sim])
             if thread is not None:
                 thread.join(600)
+        except BaseException:
+            # the analytics leaves the run before the cluster goes (ranks killed before they connected
+            # are never reported as dead, so it is asked to)
+            if thread is not None:
+                ana.stop()
+                thread.join(60)
+            raise
         finally:
             if pre is not None:
                 try:
@@ -338,8 +361,10 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     pre.kill()
                     pre.wait()
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark simulation failed:\n{proc.stderr[-3000:]}")
+        if sim.returncode != 0:
+            raise RuntimeError(f"benchmark simulation failed:\n{stderr[-3000:]}")
+        if "error" in done:
+            raise RuntimeError(f"benchmark analytics failed: {type(done['error']).__name__}: {done['error']}")
         per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
         shutil.rmtree(out, ignore_errors=True)
         return self._summary(per_rank, launch, total_steps, done)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import HERE, KIB, MIB, ROOT, Runner, load_average
+from insitu.interrupt import Interrupted, terminated_cleanly
 
 # the sections the targets need first: a run cut short still has them
 SECTIONS = ("floor", "insitu", "paced", "adios2", "deisa", "startup", "cpu", "hotcore", "posthoc", "memory", "scaling",
@@ -91,7 +92,20 @@ def run_section(section: str, runner: Runner, results: dict[str, Any], sizes: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command (see the module docstring); returns 1 if a section failed."""
+    """The command (see the module docstring); returns 1 if a section failed.
+
+    SIGTERM or SIGINT stops it: the private cluster and the simulation of the section under way
+    are torn down, the JSON keeps what was measured, and the exit code is 128 + the signal.
+    """
+    try:
+        with terminated_cleanly():
+            return _main(argv)
+    except Interrupted as exc:
+        print(f"benchmarks.run: {exc}; its cluster and simulations were torn down", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     from benchmarks.targets import compare, print_targets, targets
 
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])

@@ -69,7 +69,7 @@ def soak(steps: int, kill_every: int, sample_every: int, chunk: int = 64 * 1024,
     import insitu
     from insitu.cli import mpiexec_mpmd
     from insitu.cluster.local import LocalCluster
-    from insitu.comm import connect_ray
+    from insitu.comm import connect_ray, shutdown_ray
     from insitu.config import Config
 
     run = f"soak-{os.getpid()}-{time.monotonic_ns() % 10**6}"
@@ -139,7 +139,7 @@ def soak(steps: int, kill_every: int, sample_every: int, chunk: int = 64 * 1024,
             _, err = sim.communicate(timeout=120)
             thread.join(120)
         finally:
-            ray.shutdown()
+            shutdown_ray()
         record["sim_exit"] = sim.returncode
         record["sim_stderr_tail"] = err[-2000:]
     record["nothing_left"] = not _run_processes(run) and not list(Path(cfg.shm_dir).glob(f"insitu-{run}-*"))

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -118,6 +119,7 @@ class Analytics(CallbackRunner):
         self._order: dict[tuple[str, str], tuple[tuple[int, ...], ...]] | None = None
         self._holds_ray = False
         self._sigterm = SigtermRequest()
+        self._stop = threading.Event()
         self._gaps: list[Gap] = []
         self._lost: list[int] = []
         self._on_gap: list[Callable[[Gap], None]] = []
@@ -286,6 +288,23 @@ class Analytics(CallbackRunner):
             self._holds_ray = True
             return self._attach_and_loop()
 
+    def stop(self) -> None:
+        """Ask :meth:`run`, from any thread, to leave the run at the next step boundary (within about
+        a second, once a running callback returns). ``run()`` then detaches and returns its summary
+        with reason ``EndReason.STOPPED``; the simulation goes on under its policy.
+
+        Examples
+        --------
+        >>> analytics = insitu.Analytics(run="demo")  # doctest: +SKIP
+        >>> thread = threading.Thread(target=analytics.run); thread.start()  # doctest: +SKIP
+        >>> analytics.stop(); thread.join()  # doctest: +SKIP
+        """
+        self._stop.set()
+
+    def _summary(self, steps: int, last: int | None, reason: EndReason) -> RunSummary:
+        return RunSummary(steps, last, reason, dict(self._handled), self._consumer, self._resumed_after,
+                          self._dropped_before, tuple(self._gaps), tuple(self._lost))  # fmt: skip
+
     def _attach_and_loop(self) -> RunSummary:
         import ray
 
@@ -313,6 +332,8 @@ class Analytics(CallbackRunner):
                             self.run_name, attached.consumer, attached.resumed_after)  # fmt: skip
             self._seq = 0
             self.info = self._wait_info()
+            if self.info is None:  # stopped before the simulation started
+                return self._summary(0, None, EndReason.STOPPED)
             self._check_arrays(self.info)
             for data in attached.history:  # attached to a live run: windows refilled from retained steps
                 self._process(data, history=True)
@@ -351,13 +372,15 @@ class Analytics(CallbackRunner):
         self._seq += 1
         return self._seq - 1
 
-    def _wait_info(self) -> RunInfo:
+    def _wait_info(self) -> RunInfo | None:
         import ray
 
         end = time.monotonic() + self.config.deadline
         while True:  # short polls: the supervisor's heartbeat goes on while the simulation starts
             self._beat()
             self._sigterm.check()
+            if self._stop.is_set():
+                return None
             got = ray.get(self._head.run_info.remote(_POLL), timeout=_POLL + self.config.deadline)
             if not isinstance(got, Waiting) or time.monotonic() >= end:
                 break
@@ -388,6 +411,8 @@ class Analytics(CallbackRunner):
         while True:
             self._beat()
             self._sigterm.check()
+            if self._stop.is_set():
+                return self._summary(steps, last, EndReason.STOPPED)
             done, self._done = self._done, None  # the completion travels with the next poll
             seq = None if done is None else self._next_seq()
             try:
@@ -406,9 +431,7 @@ class Analytics(CallbackRunner):
             for item in batch:
                 if isinstance(item, RunEnd):
                     if item.reason == EndReason.CLOSED:
-                        summary = RunSummary(steps, last, item.reason, dict(self._handled), self._consumer,
-                                             self._resumed_after, self._dropped_before, tuple(self._gaps),
-                                             tuple(self._lost))  # fmt: skip
+                        summary = self._summary(steps, last, item.reason)
                         for fn in self._on_close:
                             try:
                                 fn(summary)

@@ -9,22 +9,20 @@ traceback. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
 from insitu.config import Config
 from insitu.errors import ConfigError, InsituError
+from insitu.interrupt import Interrupted, end_processes, terminated_cleanly
 from insitu.resources import data_path, executable
 
 __all__ = ["USER_ERRORS", "main", "mpiexec_mpmd"]
@@ -101,16 +99,8 @@ def _demo(args: argparse.Namespace) -> int:
             print("insitu demo: timed out waiting for the simulation and analytics", file=sys.stderr)
             codes = [1]
         finally:  # SIGTERM (mpiexec forwards it to the ranks), SIGKILL after 10 s; the driver last
-            for group in (procs[:0:-1], procs[:1]):
-                for p in group:
-                    if p.poll() is None:
-                        p.terminate()
-                for p in group:
-                    try:
-                        p.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+            end_processes(procs[:0:-1])
+            end_processes(procs[:1])
     snapshots = sorted(out.glob("temperature_*.png"))
     series = "and timeseries.png" if (out / "timeseries.png").exists() else "(no plots: pip install 'insitu[plot]')"
     ok = all(c == 0 for c in codes)
@@ -380,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        with _terminated_cleanly():
+        with terminated_cleanly():
             return int(args.fn(args))
     except USER_ERRORS as exc:
         if args.debug:
@@ -389,32 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Interrupted as exc:
         print(f"insitu {args.command}: {exc}; everything it started was torn down", file=sys.stderr)
-        return 128 + exc.signum
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT reached a command: unwinds it like KeyboardInterrupt, so its clean-ups run."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _terminated_cleanly() -> Iterator[None]:
-    """While a command runs (this process is the command's, not a simulation's), SIGTERM and SIGINT
-    raise :class:`Interrupted` in the main thread: private clusters, subprocesses and consumers are
-    released by the ``with``/``finally`` blocks they were made in. The previous handlers come back after."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

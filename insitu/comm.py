@@ -20,7 +20,8 @@ from insitu.config import Config
 from insitu.errors import ConfigError, ContractError, InsituError
 from insitu.validate import kept_signals
 
-__all__ = ["agree", "connect_ray", "init_ray", "launcher_mismatch", "raise_common", "resolve_nodes"]
+__all__ = ["agree", "connect_ray", "init_ray", "launcher_mismatch", "raise_common", "resolve_nodes",
+           "shutdown_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,16 @@ def init_ray(**kwargs: Any) -> None:
 
     with kept_signals():
         ray.init(**kwargs)
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, leaving this process's signal handlers as they were (Ray's core worker
+    resets the C-level SIGTERM handler to the default as it shuts down: a later SIGTERM would then
+    kill an ``insitu`` command without its clean-ups)."""
+    import ray
+
+    with kept_signals():
+        ray.shutdown()
 
 
 def _wait_reachable(address: str, deadline: float) -> None:

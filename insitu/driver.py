@@ -331,7 +331,10 @@ def serve(run: str, namespace: str, idle: float, config: Config | None = None) -
             except TimeoutError:
                 conn = None
             if conn is not None:
-                driver.serve_client(RankChannel.from_socket(conn), idle)
+                try:
+                    driver.serve_client(RankChannel.from_socket(conn), idle)
+                except OSError as exc:  # the rank died (killed, its job cancelled) before the answer
+                    log.warning("run %s: the registering rank went away before its answer (%s)", run, exc)
                 last = time.monotonic()
                 if driver.failed or (config is None and not driver.registered):
                     return 0  # a spawned driver serves one registration; the run's watchdogs do the rest

@@ -80,6 +80,8 @@ class EndReason(enum.StrEnum):
     SIMULATION_FAILED = "simulation-failed"
     ABORTED = "aborted"
     NODE_LOST = "node-lost"
+    STOPPED = "stopped"
+    """This analytics left on request (:meth:`insitu.Analytics.stop`); the run goes on without it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,9 +152,9 @@ def release_ray() -> None:
         _STATE.users = max(0, _STATE.users - 1)
         if _STATE.users or not _STATE.made:
             return
-        import ray
+        from insitu.comm import shutdown_ray
 
-        ray.shutdown()
+        shutdown_ray()
         _STATE.made = False
 
 

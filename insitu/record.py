@@ -157,7 +157,6 @@ class Recorder:
 
     def write(self, step: int, arrays: dict[str, Any]) -> None:
         """Write ``step`` of every recorded array (the callback's body)."""
-        import ray
 
         if step % self.every:
             return
@@ -165,6 +164,26 @@ class Recorder:
             self._start()
         received = time.time()
         index = self.steps
+        try:
+            written = self._write_step(index, arrays)
+        except BaseException:  # interrupted, or a block lost: the recording ends with the last whole step
+            for name in self.arrays:
+                self._group[name].resize((index, *self._group[name].shape[1:]))
+            raise
+        # the step coordinate last: a step is in the recording once it is there
+        self._group["step"].resize((index + 1,))
+        self._group["step"][index] = step
+        self._group["time"].resize((index + 1,))
+        self._group["time"][index] = received
+        self.steps += 1
+        self.bytes += written
+        if self.progress is not None:
+            self.progress(f"recorded {self.steps} steps ({self.bytes / 2**20:.1f} MiB), last step {step}")
+
+    def _write_step(self, index: int, arrays: dict[str, Any]) -> int:
+        """Write every recorded array's blocks at ``index``, each on the node holding it; the bytes written."""
+        import ray
+
         for name in self.arrays:
             self._group[name].resize((index + 1, *self._group[name].shape[1:]))
         layouts = {lay.name: lay for lay in self.analytics.info.layouts}
@@ -184,14 +203,7 @@ class Recorder:
         for node, nbytes in ray.get(tasks, timeout=self.analytics.config.deadline):
             self.by_node[node] = self.by_node.get(node, 0) + nbytes
             written += nbytes
-        self._group["step"].resize((index + 1,))
-        self._group["step"][index] = step
-        self._group["time"].resize((index + 1,))
-        self._group["time"][index] = received
-        self.steps += 1
-        self.bytes += written
-        if self.progress is not None:
-            self.progress(f"recorded {self.steps} steps ({self.bytes / 2**20:.1f} MiB), last step {step}")
+        return written
 
 
 def record(analytics: Any, arrays: Sequence[str], path: str | os.PathLike[str], every: int = 1,

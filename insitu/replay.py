@@ -22,14 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from insitu.errors import ConfigError
+from insitu.interrupt import end_processes
 
 __all__ = ["parse_steps", "replay_command"]
 
@@ -133,6 +136,11 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
     steps, times = group["step"][:], group["time"][:]
     comm, specs, regions = _specs(meta, MPI.COMM_WORLD)
     sent = 0
+    # `insitu replay` interrupted: mpiexec forwards the signal; every rank stops before the same step
+    # and closes its bridge, so the run ends closed (these ranks are insitu's, their signals too)
+    interrupted = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: interrupted.set())
     with Bridge(specs, comm=comm, run=args.run) as bridge:
         t0, wall0 = None, time.monotonic()
         for i, step in enumerate(steps):
@@ -141,9 +149,9 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
                 continue
             if args.pace == "recorded":
                 t0 = times[i] if t0 is None else t0
-                delay = (times[i] - t0) - (time.monotonic() - wall0)
-                if delay > 0:
-                    time.sleep(delay)
+                interrupted.wait(max(0.0, (times[i] - t0) - (time.monotonic() - wall0)))
+            if comm.allreduce(interrupted.is_set(), op=MPI.LOR):
+                break
             bridge.send(step, **{name: group[name][(i, *regions[name])] for name in regions})
             sent += 1
             if bridge.get("stop"):
@@ -168,15 +176,19 @@ def main_replay(path: str, run: str, ranks: int | None, pace: str, steps: str | 
     if addr:
         import ray
 
-        from insitu.comm import init_ray
+        from insitu.comm import init_ray, shutdown_ray
 
         init_ray(address=addr, logging_level="ERROR", log_to_driver=False, configure_logging=False)
         try:
             node_ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
         finally:
-            ray.shutdown()
+            shutdown_ray()
     env = {**os.environ, **({"INSITU_ADDRESS": addr} if addr else {})}
-    return subprocess.run(replay_command(path, run, ranks, pace, steps, node_ips), env=env, check=False).returncode
+    proc = subprocess.Popen(replay_command(path, run, ranks, pace, steps, node_ips), env=env)
+    try:
+        return proc.wait()
+    finally:  # interrupted: the ranks stop before the same step and close the run (SIGKILL after 10 s)
+        end_processes([proc])
 
 
 if __name__ == "__main__":

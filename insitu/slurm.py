@@ -174,7 +174,7 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_l
 
     import ray
 
-    from insitu.comm import init_ray
+    from insitu.comm import init_ray, shutdown_ray
 
     init_ray(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     try:
@@ -192,7 +192,7 @@ def wait_for_nodes(address: str, names: Sequence[str], deadline: float, failed_l
                 )
             time.sleep(0.5)
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 def steer(address: str, run: str, key: str, value: object, namespace: str = "insitu") -> None:
@@ -200,7 +200,7 @@ def steer(address: str, run: str, key: str, value: object, namespace: str = "ins
     import ray
 
     from insitu.actors.head import head_name
-    from insitu.comm import init_ray
+    from insitu.comm import init_ray, shutdown_ray
 
     init_ray(address=address, namespace=namespace, logging_level="ERROR", log_to_driver=False,
              configure_logging=False)  # fmt: skip
@@ -208,7 +208,7 @@ def steer(address: str, run: str, key: str, value: object, namespace: str = "ins
         head = ray.get_actor(head_name(run), namespace=namespace)
         ray.get(head.set.remote(key, value, -1), timeout=30)
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 @dataclass(frozen=True)

@@ -153,5 +153,7 @@ def kept_signals() -> Iterator[None]:
         yield
     finally:
         for sig, handler in before.items():
-            if handler is not None and signal.getsignal(sig) is not handler:
+            # always set again: Ray's core worker puts its C-level handler back to SIG_DFL when it
+            # shuts down while Python still reports the handler it knew
+            if handler is not None:
                 signal.signal(sig, handler)

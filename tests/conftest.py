@@ -230,3 +230,29 @@ def wait_gone(run: str, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.25)
     return False
+
+
+def processes_mentioning(text: str, where: str = "cmdline") -> list[str]:
+    """Live processes (not this one) whose command line, or ``/proc/<pid>/<where>`` (``environ``,
+    say), contains ``text``: what an interrupted command may have left behind."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                seen = (proc / where).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in seen and cmd:  # a zombie has an empty command line: it holds nothing
+                found.append(f"{proc.name}: {cmd[:160]}")
+    return found
+
+
+def wait_nothing_left(texts: dict[str, str], timeout: float) -> dict[str, list[str]]:
+    """Wait until no process mentions any of ``texts`` (``text -> where``); what is still left."""
+    end = time.monotonic() + timeout
+    while True:
+        left = {t: p for t, where in texts.items() if (p := processes_mentioning(t, where))}
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.5)

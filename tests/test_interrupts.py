@@ -8,25 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-
-def _processes_mentioning(text: str, where: str = "cmdline") -> list[str]:
-    """Processes whose command line (or environment) contains ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                seen = (proc / where).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in seen:
-                found.append(f"{proc.name}: {cmd[:160]}")
-    return found
+from tests.conftest import processes_mentioning, wait_nothing_left
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -49,8 +37,8 @@ def test_a_signal_to_insitu_demo_mid_run_tears_down_everything_it_started(tmp_pa
     while time.monotonic() < end and not (stats.exists() and stats.read_text().count("\n")):
         time.sleep(0.5)
     assert stats.exists() and stats.read_text().count("\n"), "the demo's analytics never computed a step"
-    assert _processes_mentioning(address), "the demo's raylets should be running now"
-    ranks = _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")
+    assert processes_mentioning(address), "the demo's raylets should be running now"
+    ranks = processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")
     assert any("heat2d.py" in r for r in ranks), "the demo's simulation ranks should be running now"
     demo.send_signal(sig)
     _, err = demo.communicate(timeout=90)
@@ -59,11 +47,11 @@ def test_a_signal_to_insitu_demo_mid_run_tears_down_everything_it_started(tmp_pa
     assert "Traceback" not in err, err[-3000:]
     # a run driver inside a Ray call when the cluster vanished ends at Ray's GCS reconnect timeout (60 s)
     end = time.monotonic() + 90
-    while time.monotonic() < end and (_processes_mentioning(address)
-                                      or _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")):  # fmt: skip
+    while time.monotonic() < end and (processes_mentioning(address)
+                                      or processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")):  # fmt: skip
         time.sleep(0.5)
-    assert _processes_mentioning(address) == []  # raylets, GCS, workers of its private cluster
-    assert _processes_mentioning(f"INSITU_RUN={run[1]}", where="environ") == []  # analytics, mpiexec, ranks
+    assert processes_mentioning(address) == []  # raylets, GCS, workers of its private cluster
+    assert processes_mentioning(f"INSITU_RUN={run[1]}", where="environ") == []  # analytics, mpiexec, ranks
     assert list(Path("/dev/shm").glob("insitu-demo-*")) == []
 
 
@@ -113,3 +101,47 @@ def test_sigterm_to_an_analytics_detaches_it_at_the_next_step_and_exits_143(clus
     assert not result.by_rank("send-error")  # policy continue: the steps after the detach are dropped
     done = result.one("done")
     assert sorted(done) == [0, 1] and all(d["dropped"] > 0 and not d["ok"] for d in done.values()), done
+
+
+def test_sigterm_to_the_benchmark_harness_mid_run_tears_down_its_cluster_and_simulation(tmp_path: Path) -> None:
+    """``python -m benchmarks.run`` SIGTERMed while its simulation runs: exit 143 with one line, the
+    JSON written so far kept, and no process left of its private cluster (4 raylets and their
+    workers), its run driver, mpiexec or ranks: each has the harness's private directory in its
+    environment (the cluster's token path)."""
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
+    out = tmp_path / "bench.json"
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("insitu-bench-*"))
+    others = {*tmp.glob("insitu-driver-*"), *tmp.glob("hydra_*")}  # a spawned driver's log, mpiexec's topology
+    bench = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--sections", "insitu", "--sizes", "65536",
+                              "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    end = time.monotonic() + 180
+    ranks: list[str] = []
+    base = None
+    while time.monotonic() < end and bench.poll() is None and len(ranks) < 4:
+        made = set(tmp.glob("insitu-bench-*")) - before
+        base = base or (made.pop() if made else None)
+        if base is not None:
+            ranks = [p for p in processes_mentioning(str(base), where="environ") if "sim_bench.py" in p
+                     and "mpiexec" not in p]  # fmt: skip
+        time.sleep(0.2)
+    if len(ranks) < 4:
+        bench.kill()
+        pytest.fail(f"the harness's 4 ranks never ran: {ranks}\n{bench.communicate()[1][-3000:]}")
+    time.sleep(2)  # well inside the run
+    assert any("raylet" in p for p in processes_mentioning(str(base), where="environ"))
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=120)
+    assert bench.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("benchmarks.run: interrupted by SIGTERM; its cluster and simulations "
+                                            "were torn down"), err[-3000:]  # fmt: skip
+    assert "Traceback" not in err, err[-3000:]
+    assert json.loads(out.read_text())["finished_utc"]  # what was measured is kept
+    left = wait_nothing_left({str(base): "environ"}, timeout=60)
+    assert left == {}, left
+    assert base is not None and not base.exists()
+    assert list(Path("/dev/shm").glob("insitu-bench-*")) == []
+    assert {*tmp.glob("insitu-driver-*"), *tmp.glob("hydra_*")} - others == set()

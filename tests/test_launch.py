@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import HEAT2D_PY, HEAT_STATS, LAUNCH, ROOT
+from tests.conftest import HEAT2D_PY, HEAT_STATS, LAUNCH, ROOT, processes_mentioning, wait_nothing_left
 from tests.slurm_jobs import assert_clean, private_slurm, submit, wait_job
 
 PY = sys.executable  # the jobs' Python: this environment's, whatever PATH holds
@@ -86,23 +86,47 @@ def test_heat2d_on_three_nodes_matches_numpy_with_each_block_on_its_node(slurm: 
     assert_clean(slurm, job)
 
 
-def test_two_jobs_at_once_on_the_same_nodes(slurm: dict[str, str], tmp_path: Path) -> None:
+def test_two_jobs_at_once_on_the_same_nodes_and_scancel_of_one_leaves_nothing(slurm: dict[str, str],
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    """Two jobs share the nodes; job b (endless) is ``scancel``ed mid-run (issue 17 item 4): job a
+    finishes untouched, and nothing of b is left: no process of its Ray or run, no Ray directory,
+    no staging file (mapped or named), no MPICH shared memory of its killed ranks."""
     jobs = []
-    for name in ("a", "b"):
+    for name, steps in (("a", 20), ("b", 1000000)):
         d = tmp_path / name
         d.mkdir()
         # unbound: 2 jobs x 3 emulated nodes' Ray on core 0 of one host starve (cores binding: first test)
-        jobs.append((submit(slurm, d, _heat(d / "dump", 20), f"{PY} {HEAT_STATS} --out {d / 'out'}",
+        jobs.append((submit(slurm, d, _heat(d / "dump", steps), f"{PY} {HEAT_STATS} --out {d / 'out'}",
                              env_extra={"INSITU_BIND_CPUS": "0"}), d))  # fmt: skip
     time.sleep(3)
     running = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], env=slurm, capture_output=True, text=True,
                              check=False).stdout.split()  # fmt: skip
-    codes = [wait_job(slurm, job, log=d / "job.out") for (job, _), d in jobs]
-    assert codes == [0, 0], [(d / "job.out").read_text() for _, d in jobs]
     assert len(running) == 2, f"both jobs should run at the same time: {running}"
-    for (job, _), d in jobs:
-        assert len(json.loads((d / "out" / "stats.json").read_text())["stats"]) == 20
-        assert_clean(slurm, job)
+    (a, _), da = jobs[0]
+    (b, _), db = jobs[1]
+    run_b = f"slurm-{b}"
+    stats = db / "out" / "stats.jsonl"
+    end = time.monotonic() + 240
+    while time.monotonic() < end and not (stats.exists() and stats.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    assert stats.exists() and stats.read_text().count("\n") >= 3, (db / "job.out").read_text()[-3000:]
+    assert processes_mentioning(f"insitu-ray-{b}"), "job b's raylets should be running now"
+    assert any("heat2d" in p for p in processes_mentioning(f"INSITU_RUN={run_b}", where="environ"))
+    # the ranks' staging files: mapped by the ranks and the node processes, their names already unlinked
+    assert any(f"/dev/shm/insitu-{run_b}-r" in m for m in _shm_maps()), "job b's ranks should map staging files"
+    mpich_before = {f.name for f in Path("/dev/shm").glob("mpich_shm_*")}
+    subprocess.run(["scancel", str(b)], env=slurm, check=True)
+    wait_job(slurm, b, timeout=120, log=db / "job.out")
+    left = wait_nothing_left({f"insitu-ray-{b}": "cmdline", f"INSITU_RUN={run_b}": "environ"}, timeout=30)
+    assert left == {}, left
+    assert_clean(slurm, b)  # no step, no Ray process, no /tmp/insitu-ray-<job>
+    assert list(Path("/dev/shm").glob(f"insitu-{run_b}-*")) == []
+    assert not any(f"/dev/shm/insitu-{run_b}-r" in m for m in _shm_maps())
+    assert [f.name for f in Path("/dev/shm").glob("mpich_shm_*") if f.name not in mpich_before] == []
+
+    assert wait_job(slurm, a, log=da / "job.out") == 0, (da / "job.out").read_text()
+    assert len(json.loads((da / "out" / "stats.json").read_text())["stats"]) == 20
+    assert_clean(slurm, a)
 
 
 def test_failing_simulation_fails_the_job_and_cleans_up(slurm: dict[str, str], tmp_path: Path) -> None:
@@ -150,6 +174,18 @@ def test_time_limit_stops_the_simulation_through_the_signal(slurm: dict[str, str
     stopped = {int(s) for s in re.findall(r"stopped after step (\d+)", logs)}
     assert len(stopped) == 1 and next(iter(stopped)) < 999999, stopped  # every rank stopped at the same step
     assert_clean(slurm, job)
+
+
+def _shm_maps() -> list[str]:
+    """Every /dev/shm path some live process maps (deleted or not)."""
+    maps = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                maps += [line for line in (proc / "maps").read_text().splitlines() if "/dev/shm/" in line]
+            except OSError:
+                continue
+    return maps
 
 
 def test_generated_script_passes_shellcheck(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,59 @@ def test_a_store_one_node_cannot_see_is_refused_naming_that_node(tmp_path: Path)
     assert len(err) == 1 and "Traceback" not in recorder.stderr, recorder.stderr[-3000:]
     assert f"the recording store {shared / 'rec.zarr'} is not visible from node(s) {c.node_ips[1]} (" in err[0]
     assert "of the 2 holding the run's blocks" in err[0]
+
+
+def test_interrupted_record_and_replay_keep_a_usable_recording_and_leave_nothing(cluster: Any, tmp_path: Path) -> None:
+    """Issue 17 item 4. ``insitu record`` SIGINTed mid-run: one line, exit 130, the recorder leaves
+    the run as *detached* (the simulation goes on), and the store holds every step up to the last
+    whole one, exact. ``insitu replay --pace recorded`` of it SIGTERMed mid-replay: one line, exit
+    143; every rank stops before the same step and closes, so the analytics ends normally with a
+    prefix of the steps; no rank or mpiexec is left."""
+    import insitu
+    from tests.conftest import expected_field, finish_sim, processes_mentioning, start_sim, wait_nothing_left
+    from tests.test_consumers import head_stats, start_ana
+
+    run = run_name("recint")
+    env = {**os.environ, **cluster.environment(), "INSITU_RUN": run, "INSITU_DEADLINE": "60"}
+    store = tmp_path / "rec.zarr"
+    recorder = subprocess.Popen([sys.executable, "-m", "insitu", "record", "--arrays", "u", "--out", str(store)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert recorder.stderr is not None
+    wait_consumers(run, 1)
+    sim = start_sim(cluster, 4, {"run": run, "steps": 60, "sleep": 0.2, "shape": [16, 12]})
+    while "recorded 20 steps" not in (line := recorder.stderr.readline()):
+        assert line, f"the recorder ended early: {recorder.communicate()}"
+    recorder.send_signal(signal.SIGINT)
+    _, err = recorder.communicate(timeout=60)
+    assert recorder.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "insitu record: interrupted by SIGINT; everything it started was torn down"
+    assert "Traceback" not in err, err[-3000:]
+    assert [c["state"] for c in head_stats(run)["consumers"].values()] == ["DETACHED"]
+    assert finish_sim(sim).returncode == 0
+    ds = insitu.open_recording(store)
+    steps = [int(s) for s in ds.step.values]
+    assert len(steps) >= 20 and steps == list(range(len(steps))), steps
+    for step in steps:
+        np.testing.assert_array_equal(ds.u.sel(step=step).values, expected_field(step, (16, 12)))
+
+    replay_run = run_name("repint")
+    ana = start_ana(cluster, {"run": replay_run})
+    assert ana.stdout is not None
+    replay = subprocess.Popen([sys.executable, "-m", "insitu", "replay", str(store), "--run", replay_run, "--pace",
+                               "recorded"], env={**env, "INSITU_RUN": replay_run}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = json.loads(ana.stdout.readline())
+    assert first["step"] == 0
+    assert len(processes_mentioning(f"INSITU_RUN={replay_run}", where="environ")) >= 5  # mpiexec and 4 ranks
+    replay.send_signal(signal.SIGTERM)
+    _, err = replay.communicate(timeout=60)
+    assert replay.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "insitu replay: interrupted by SIGTERM; everything it started was torn down"
+    assert "Traceback" not in err, err[-3000:]
+    rest, _ = ana.communicate(timeout=60)
+    assert ana.returncode == 0, rest  # the run closed: no rank died
+    lines = [json.loads(line) for line in rest.splitlines()]
+    got = [0] + [x["step"] for x in lines if "step" in x]
+    assert got == list(range(len(got))) and len(got) < len(steps), got  # stopped part-way, nothing skipped
+    assert lines[-1]["done"] == len(got)
+    assert wait_nothing_left({f"INSITU_RUN={replay_run}": "environ"}, timeout=30) == {}

@@ -5,7 +5,8 @@
 #   insitu_node.sh check BASE      exit 1 (naming them) if a port of this node's block is taken;
 #                                  exit 3 (with the numbers) if the object store and the staging
 #                                  files do not fit in this node's /dev/shm and the job's memory
-#   insitu_node.sh ray             run this node's raylet in the foreground (head on the first node)
+#   insitu_node.sh ray             run this node's raylet in the foreground (head on the first node);
+#                                  when it ends (scancel, teardown), remove this node's Ray directory
 #   insitu_node.sh rank CMD...     run one simulation rank with INSITU_NODE set to this node's raylet
 #   insitu_node.sh clean           remove this node's Ray temp dir (sessions, spilled objects) and the
 #                                  run's staging files left by killed ranks
@@ -105,6 +106,15 @@ start_ray() {
     done
 }
 
+# this node's part of the job's Ray directory (the directory itself once no node has a part left:
+# emulated nodes share one) and staging files of killed ranks
+# shellcheck disable=SC2317  # called by trap
+clean_ray_dir() {
+    rm -rf "${INSITU_RAY_TMP:?}/${SLURMD_NODENAME:?}" "$INSITU_RAY_TMP/start-$SLURMD_NODENAME.out"
+    rmdir "$INSITU_RAY_TMP" 2>/dev/null || true
+    rm -f "${INSITU_SHM_DIR:-/dev/shm}/insitu-${INSITU_RUN:-}-r"[0-9]*-* 2>/dev/null || true
+}
+
 cmd=${1:?usage: insitu_node.sh ip|check BASE|ray|rank CMD...|clean}
 shift
 case "$cmd" in
@@ -136,6 +146,13 @@ clean)
     rm -f "${INSITU_SHM_DIR:-/dev/shm}/insitu-${INSITU_RUN:?}-r"[0-9]*-* 2>/dev/null || true
     ;;
 ray)
+    # scancel (or the batch script's teardown) signals every process of this step: `ray start --block`
+    # stops this node's Ray, then this node's Ray directory and the run's staging names go, here,
+    # before SLURM's KillWait ends (a cancelled job can start no `clean` step)
+    trap 'exit 143' TERM INT
+    trap clean_ray_dir EXIT
+    # Ray would drain a SIGTERMed node for up to 30 s, beyond many sites' KillWait: nothing is left to drain
+    export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
     ip=$(node_ip)
     b=$(node_base "${INSITU_RAY_BASE:?}")
     name=$SLURMD_NODENAME
