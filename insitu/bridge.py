@@ -53,6 +53,7 @@ from insitu.messages import (
     SteeringUpdate,
     Wire,
 )
+from insitu.mpiwait import SPIN_S, gentle_barrier, wait_gently
 from insitu.nodelink import NodeLink
 from insitu.transport import RankChannel, StagingFile
 from insitu.validate import NO_STEP, as_specs, check_send, kept_signals
@@ -173,6 +174,7 @@ class Bridge(NodeLink):
             cfg.node,
             getattr(self, "run", None),
         )
+        gentle_barrier(self._comm)  # rank 0 may be starting the run driver: the others wait without spinning
         gathered = self._comm.gather(mine, root=0)
         result: Any = None
         if self.rank == 0:
@@ -182,6 +184,7 @@ class Bridge(NodeLink):
                 result = register_run(self._driver, self.config, self.run, self.size, gathered)
             except Exception as exc:  # noqa: BLE001 - the verdict must reach every rank
                 result = ("error", f"rank 0: set-up failed: {type(exc).__name__}: {exc}")
+        gentle_barrier(self._comm)  # rank 0 registers the run (node processes start): seconds
         result = self._comm.bcast(result, root=0)
         if result[0] == "error":
             self._release()
@@ -286,9 +289,9 @@ class Bridge(NodeLink):
     ) -> np.ndarray:
         """The one allreduce of a step (see the slot constants above).
 
-        ``gentle``: while waiting under back-pressure, poll a non-blocking allreduce with
-        short sleeps instead of letting MPI busy-wait, so that waiting ranks leave the
-        node's cores to the actors and analytics they are waiting for. ``passed``: the arrays
+        Always a non-blocking allreduce polled with sleeps (:mod:`insitu.mpiwait`), so waiting
+        ranks leave the node's cores to the ranks, actors and analytics they wait for; ``gentle``
+        (waiting under back-pressure) sleeps from the first poll. ``passed``: the arrays
         this rank passed in the call (two slots per declared array: passed by some rank, and
         owned but not passed by some rank).
         """
@@ -307,14 +310,9 @@ class Bridge(NodeLink):
         v[BROKEN] = int(bool(self._broken) and not self._recoverable())
         v[STATE_MAX] = int(self._state_seen)
         self._agreement.fill(passed)
-        if not gentle:
-            self._comm.Allreduce(v, self._agreed, op=MPI.MAX)
-            return self._agreed
-        request = self._comm.Iallreduce(v, self._agreed, op=MPI.MAX)
-        pause = 1e-5
-        while not request.Test():
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+        # never a blocking Allreduce: the first rank there would spin on the cores of the slowest
+        # one, of its node process and of the analytics (insitu.mpiwait)
+        wait_gently(self._comm.Iallreduce(v, self._agreed, op=MPI.MAX), spin=0.0 if gentle else SPIN_S)
         return self._agreed
 
     def _apply_steering(self, version: int) -> None:
@@ -338,6 +336,7 @@ class Bridge(NodeLink):
 
         mine = np.array([self._seen_version, 0], dtype=np.int64)
         most = np.empty_like(mine)
+        gentle_barrier(self._comm)  # ranks connect to their node processes at their own pace
         self._comm.Allreduce(mine, most, op=MPI.MAX)
         while self._seen_version < most[0] and not self._broken and time.monotonic() < end:
             self._drain(0.01)
