@@ -108,7 +108,14 @@ def soak(steps: int, kill_every: int, sample_every: int, chunk: int = 64 * 1024,
                 seen.add(step)
 
             outcome: dict[str, Any] = {}
-            thread = threading.Thread(target=lambda: outcome.setdefault("summary", analytics.run()), daemon=True)
+
+            def consume() -> None:
+                try:
+                    outcome["summary"] = analytics.run()
+                except Exception as exc:  # noqa: BLE001 - recorded: why the consumer ended
+                    outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+            thread = threading.Thread(target=consume, daemon=True)
             thread.start()
             sim_cmd = mpiexec_mpmd(ranks, cluster.node_ips, [sys.executable, str(HERE / "soak_sim.py"), json.dumps(
                 {"run": run, "steps": steps, "chunk": chunk, "out": str(out), "pace": pace})])  # fmt: skip
@@ -138,12 +145,19 @@ def soak(steps: int, kill_every: int, sample_every: int, chunk: int = 64 * 1024,
                     victim = 1 - victim
             _, err = sim.communicate(timeout=120)
             thread.join(120)
+            if head is not None:  # what the head knew at the end: restarts, how the run ended
+                try:
+                    doc = collect(run, cfg, timeout=10)
+                    record["end_status"] = {k: doc.get(k) for k in ("state", "end", "node_restarts", "last_failure")}
+                except Exception as exc:  # noqa: BLE001 - the head may be reclaimed already
+                    record["end_status"] = f"{type(exc).__name__}: {exc}"
         finally:
             shutdown_ray()
         record["sim_exit"] = sim.returncode
         record["sim_stderr_tail"] = err[-2000:]
     record["nothing_left"] = not _run_processes(run) and not list(Path(cfg.shm_dir).glob(f"insitu-{run}-*"))
     summary = outcome.get("summary")
+    record["analytics_end"] = outcome.get("error") or (summary.reason.value if summary else "still running")
     files = [out / f"rank{r}.json" for r in range(ranks)]
     per_rank = [json.loads(f.read_text()) for f in files if f.exists()]
     missing = set(range(steps)) - seen

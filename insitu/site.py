@@ -187,7 +187,13 @@ def port_plan(job_id: int, cpus: int, nodes_per_host: int = 1, local_range: tupl
     return PortPlan(slots[(job_id + shift) % len(slots)], stride)
 
 
+def ephemeral_range() -> tuple[int, int]:
+    """This host's ``net.ipv4.ip_local_port_range``: ports the kernel may hand to any outgoing
+    connection at any moment (a listener picked there can lose its port before it binds)."""
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return lo, hi
+
+
 def ray_ports(job_id: int, cpus: int, nodes_per_host: int = 1, shift: int = 0) -> PortPlan:
     """:func:`port_plan` with this host's ``ip_local_port_range``."""
-    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    return port_plan(job_id, cpus, nodes_per_host, (lo, hi), shift)
+    return port_plan(job_id, cpus, nodes_per_host, ephemeral_range(), shift)

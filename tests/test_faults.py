@@ -280,7 +280,8 @@ def test_a_short_soak_with_two_node_process_kills_loses_only_the_gaps_and_leaves
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     record = json.loads(out.read_text())
     assert record["sim_exit"] == 0, record["sim_stderr_tail"]
-    assert len(record["kills"]) == 2 and len({k["node"] for k in record["kills"]}) == 2
+    why = {k: record.get(k) for k in ("kills", "gaps", "ranks_gaps", "analytics_end", "end_status")}
+    assert len(record["kills"]) == 2 and len({k["node"] for k in record["kills"]}) == 2, why
     assert len(record["gaps"]) == 2 and not record["wrong_values"]
     assert record["loss_equals_gaps"], {k: record[k] for k in ("gaps", "ranks_gaps", "steps_missing", "steps_seen")}
     assert record["flat"], record["samples"]

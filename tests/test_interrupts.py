@@ -22,25 +22,32 @@ def test_a_signal_to_insitu_demo_mid_run_tears_down_everything_it_started(tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INSITU_"))}
     demo = subprocess.Popen([sys.executable, "-m", "insitu", "demo", "--steps", "100000", "--out", str(tmp_path)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    assert demo.stdout is not None
-    run = re.search(r"insitu demo: run (\S+),", demo.stdout.readline())
-    assert run, "the demo did not name its run"
-    address = ""
-    end = time.monotonic() + 180
-    while time.monotonic() < end and not address:
-        line = demo.stdout.readline()
-        found = re.search(r"private Ray cluster (\S+) up", line)
-        address = found[1] if found else ""
-    assert address, "the demo did not bring its cluster up"
-    end = time.monotonic() + 120
-    stats = tmp_path / "stats.jsonl"
-    while time.monotonic() < end and not (stats.exists() and stats.read_text().count("\n")):
-        time.sleep(0.5)
-    assert stats.exists() and stats.read_text().count("\n"), "the demo's analytics never computed a step"
-    assert processes_mentioning(address), "the demo's raylets should be running now"
-    ranks = processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")
-    assert any("heat2d.py" in r for r in ranks), "the demo's simulation ranks should be running now"
-    demo.send_signal(sig)
+    signalled = False
+    try:
+        assert demo.stdout is not None
+        run = re.search(r"insitu demo: run (\S+),", demo.stdout.readline())
+        assert run, "the demo did not name its run"
+        address = ""
+        end = time.monotonic() + 180
+        while time.monotonic() < end and not address:
+            line = demo.stdout.readline()
+            found = re.search(r"private Ray cluster (\S+) up", line)
+            address = found[1] if found else ""
+        assert address, "the demo did not bring its cluster up"
+        end = time.monotonic() + 120
+        stats = tmp_path / "stats.jsonl"
+        while time.monotonic() < end and not (stats.exists() and stats.read_text().count("\n")):
+            time.sleep(0.5)
+        assert stats.exists() and stats.read_text().count("\n"), "the demo's analytics never computed a step"
+        assert processes_mentioning(address), "the demo's raylets should be running now"
+        ranks = processes_mentioning(f"INSITU_RUN={run[1]}", where="environ")
+        assert any("heat2d.py" in r for r in ranks), "the demo's simulation ranks should be running now"
+        demo.send_signal(sig)
+        signalled = True
+    finally:  # a failure above must not leave the demo (and its cluster) to the next tests
+        if not signalled:
+            demo.send_signal(signal.SIGTERM)
+            demo.communicate(timeout=90)
     _, err = demo.communicate(timeout=90)
     assert demo.returncode == 128 + sig, err[-2000:]
     assert f"interrupted by {signal.Signals(sig).name}; everything it started was torn down" in err
@@ -145,3 +152,42 @@ def test_sigterm_to_the_benchmark_harness_mid_run_tears_down_its_cluster_and_sim
     assert base is not None and not base.exists()
     assert list(Path("/dev/shm").glob("insitu-bench-*")) == []
     assert {*tmp.glob("insitu-driver-*"), *tmp.glob("hydra_*")} - others == set()
+
+
+def test_stop_from_another_thread_detaches_the_analytics_at_the_next_step(cluster: object) -> None:
+    """``Analytics.stop()`` (how a program running ``run()`` in a thread ends it, as the benchmark
+    harness does when interrupted): ``run()`` returns with reason STOPPED after the steps it
+    processed, the consumer is DETACHED, and the simulation finishes."""
+    import threading
+
+    import insitu
+    from insitu.messages import EndReason
+    from tests.conftest import finish_sim, run_name, start_sim
+    from tests.test_consumers import head_stats
+
+    run = run_name("stop")
+    proc = start_sim(cluster, 2, {"run": run, "steps": 60, "sleep": 0.1})
+    analytics = insitu.Analytics(run=run, deadline=60)
+    seen: list[int] = []
+    third = threading.Event()
+
+    @analytics.on_step("u")
+    def count(step: int, u: list) -> None:
+        seen.append(step)
+        if len(seen) == 3:
+            third.set()
+
+    done: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: done.update(summary=analytics.run()))
+    thread.start()
+    assert third.wait(60), "the analytics never processed 3 steps"
+    analytics.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+    summary = done["summary"]
+    assert isinstance(summary, insitu.RunSummary)
+    assert summary.reason == EndReason.STOPPED
+    assert summary.steps == len(seen) and summary.last_step == seen[-1] and seen == list(range(len(seen)))
+    assert len(seen) < 60  # left part-way
+    assert [c["state"] for c in head_stats(run)["consumers"].values()] == ["DETACHED"]
+    assert finish_sim(proc).returncode == 0

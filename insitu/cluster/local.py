@@ -29,12 +29,14 @@ from types import TracebackType
 
 from insitu.errors import StepTimeoutError
 from insitu.resources import executable
+from insitu.site import ephemeral_range
 
 __all__ = ["LocalCluster", "auth_environment", "free_port_block", "kill_session"]
 
 log = logging.getLogger(__name__)
 
 _PORTS_PER_NODE = 10
+_LOWEST = 10000
 
 
 def auth_environment(token_path: str | None) -> dict[str, str]:
@@ -61,7 +63,7 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port_block(size: int, start: int | None = None, host: str = "127.0.0.1") -> int:
+def free_port_block(size: int, start: int | None = None, host: str = "127.0.0.1", below: int | None = None) -> int:
     """Return the first port of ``size`` consecutive ports that are all free now.
 
     Parameters
@@ -69,14 +71,20 @@ def free_port_block(size: int, start: int | None = None, host: str = "127.0.0.1"
     size
         Number of consecutive ports.
     start
-        Where to start looking; default a random offset in 20000-40000 so that
+        Where to start looking; default a random multiple of 100 from 10000 up, so that
         concurrent users rarely collide.
+    below
+        Every port of the block stays under this one (default: the kernel's ephemeral range,
+        whose ports any outgoing connection may take between this check and the bind).
     """
-    base = start if start is not None else 20000 + secrets.randbelow(200) * 100
-    for candidate in range(base, 60000 - size, size):
+    top = below if below is not None else ephemeral_range()[0]
+    if top - size <= _LOWEST:
+        top = 65536  # no room under the ephemeral range: take the chance
+    base = start if start is not None else _LOWEST + secrets.randbelow(max(1, (top - size - _LOWEST) // 100)) * 100
+    for candidate in [*range(base, top - size, size), *range(_LOWEST, min(base, top - size), size)]:
         if all(_port_free(p, host) for p in range(candidate, candidate + size)):
             return candidate
-    raise OSError(f"no block of {size} free ports between {base} and 60000")
+    raise OSError(f"no block of {size} free ports between {_LOWEST} and {top}")
 
 
 def kill_session(sid: int, grace: float = 3.0) -> None:
@@ -207,8 +215,9 @@ class LocalCluster:
     def _pick_ports(self) -> int:
         """First port of a layout whose fixed ports and worker port ranges are all free now."""
         start = None
+        below = ephemeral_range()[0] - (1000 + 100 * self.nodes)  # worker ports too: first + 1000 + 100 i + k
         for _ in range(50):
-            first = free_port_block(_PORTS_PER_NODE * (self.nodes + 1), start=start)
+            first = free_port_block(_PORTS_PER_NODE * (self.nodes + 1), start=start, below=below)
             workers = [first + 1000 + 100 * i + k for i in range(self.nodes) for k in range(40)]
             if all(_port_free(p) for p in workers):
                 return first
