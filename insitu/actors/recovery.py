@@ -169,7 +169,7 @@ class NodeWatch:
         except Exception as exc:  # noqa: BLE001 - not restartable (no restarts left on Ray's side, node gone)
             log.warning("run %s: node %s could not be restarted: %s", self._run, node[:12], exc)
             if self._end is None and not self._torn_down:
-                self._node_lost(node)
+                self._node_lost(node, why=f"its restart failed: {type(exc).__name__}: {str(exc)[:300]}")
             return False
         return True
 
@@ -191,7 +191,7 @@ class NodeWatch:
                     list(lost))  # fmt: skip
         self._wake()
 
-    def _node_lost(self, node: str, raylet_gone: bool = False) -> None:
+    def _node_lost(self, node: str, raylet_gone: bool = False, why: str = "") -> None:
         """A node actor died mid-run: no later step can complete. Tell the consumers (a specific end of
         the stream) and the ranks (the status' failure), naming the node, whether its raylet went too,
         and the last complete step."""
@@ -204,7 +204,8 @@ class NodeWatch:
             host, port = self._raylets[node]
             what = f"the raylet (node manager {host}:{port} refuses connections) and with it the insitu node process"
         message = (f"{what} of node {self._node_ips.get(node, '?')} (id {node[:12]}, ranks "
-                   f"{ranks}) of run {self._run!r} died {after}; later steps cannot complete and are lost")  # fmt: skip
+                   f"{ranks}) of run {self._run!r} died {after}{f' ({why})' if why else ''}; later steps cannot "
+                   "complete and are lost")  # fmt: skip
         log.warning("%s", message)
         self._book.last_failure = message
         self._finish(RunEnd(EndReason.NODE_LOST, message, -1 if last == NO_STEP else last))
