@@ -157,7 +157,6 @@ class Recorder:
 
     def write(self, step: int, arrays: dict[str, Any]) -> None:
         """Write ``step`` of every recorded array (the callback's body)."""
-
         if step % self.every:
             return
         if self._group is None:

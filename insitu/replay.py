@@ -119,10 +119,12 @@ def _specs(meta: dict[str, Any], comm: Any) -> tuple[Any, list[Any], dict[str, t
 
 def _rank_main(argv: Sequence[str] | None = None) -> int:
     """One replay rank (run by ``mpiexec`` from ``insitu replay``)."""
+    import numpy as np
     import zarr
     from mpi4py import MPI
 
     from insitu.bridge import Bridge
+    from insitu.mpiwait import wait_gently
 
     ap = argparse.ArgumentParser(prog="python -m insitu.replay")
     ap.add_argument("path")
@@ -141,6 +143,7 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
     interrupted = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: interrupted.set())
+    flag, agreed = np.zeros(1, dtype=np.int8), np.zeros(1, dtype=np.int8)
     with Bridge(specs, comm=comm, run=args.run) as bridge:
         t0, wall0 = None, time.monotonic()
         for i, step in enumerate(steps):
@@ -150,7 +153,9 @@ def _rank_main(argv: Sequence[str] | None = None) -> int:
             if args.pace == "recorded":
                 t0 = times[i] if t0 is None else t0
                 interrupted.wait(max(0.0, (times[i] - t0) - (time.monotonic() - wall0)))
-            if comm.allreduce(interrupted.is_set(), op=MPI.LOR):
+            flag[0] = interrupted.is_set()
+            wait_gently(comm.Iallreduce(flag, agreed, op=MPI.MAX))
+            if agreed[0]:
                 break
             bridge.send(step, **{name: group[name][(i, *regions[name])] for name in regions})
             sent += 1

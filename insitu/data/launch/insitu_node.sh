@@ -106,13 +106,20 @@ start_ray() {
     done
 }
 
+# staging files of run $1's killed ranks (the node process unlinks the names of live ones); no run, nothing
+clean_staging() {
+    if [[ -n $1 ]]; then
+        rm -f "${INSITU_SHM_DIR:-/dev/shm}/insitu-$1-r"[0-9]*-* 2>/dev/null || true
+    fi
+}
+
 # this node's part of the job's Ray directory (the directory itself once no node has a part left:
-# emulated nodes share one) and staging files of killed ranks
+# emulated nodes share one) and the run's stale staging files
 # shellcheck disable=SC2317  # called by trap
 clean_ray_dir() {
     rm -rf "${INSITU_RAY_TMP:?}/${SLURMD_NODENAME:?}" "$INSITU_RAY_TMP/start-$SLURMD_NODENAME.out"
     rmdir "$INSITU_RAY_TMP" 2>/dev/null || true
-    rm -f "${INSITU_SHM_DIR:-/dev/shm}/insitu-${INSITU_RUN:-}-r"[0-9]*-* 2>/dev/null || true
+    clean_staging "${INSITU_RUN:-}"
 }
 
 cmd=${1:?usage: insitu_node.sh ip|check BASE|ray|rank CMD...|clean}
@@ -143,7 +150,7 @@ except ConfigError as exc:
 clean)
     # this node's Ray directory (sessions, logs, spilled objects) and staging files of killed ranks
     rm -rf "${INSITU_RAY_TMP:?}"
-    rm -f "${INSITU_SHM_DIR:-/dev/shm}/insitu-${INSITU_RUN:?}-r"[0-9]*-* 2>/dev/null || true
+    clean_staging "${INSITU_RUN:?}"
     ;;
 ray)
     # scancel (or the batch script's teardown) signals every process of this step: `ray start --block`
