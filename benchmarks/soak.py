@@ -60,6 +60,13 @@ def _run_processes(run: str) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
 def soak(steps: int, kill_every: int, sample_every: int, chunk: int = 64 * 1024, ranks: int = 4,
          pace: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Run the soak (see the module docstring) and return its record with the verdicts. ``pace``:
@@ -155,7 +162,13 @@ def soak(steps: int, kill_every: int, sample_every: int, chunk: int = 64 * 1024,
             shutdown_ray()
         record["sim_exit"] = sim.returncode
         record["sim_stderr_tail"] = err[-2000:]
-    record["nothing_left"] = not _run_processes(run) and not list(Path(cfg.shm_dir).glob(f"insitu-{run}-*"))
+    end = time.monotonic() + 30  # the run driver leaves at its next check of the head (every few seconds)
+    while _run_processes(run) and time.monotonic() < end:
+        time.sleep(0.2)
+    left = {pid: _cmdline(pid) for pid in _run_processes(run)}
+    left_files = [str(p) for p in Path(cfg.shm_dir).glob(f"insitu-{run}-*")]
+    record["left"] = {"processes": left, "files": left_files}
+    record["nothing_left"] = not left and not left_files
     summary = outcome.get("summary")
     record["analytics_end"] = outcome.get("error") or (summary.reason.value if summary else "still running")
     files = [out / f"rank{r}.json" for r in range(ranks)]

@@ -16,6 +16,8 @@ from typing import Any
 from insitu.cluster.local import LocalCluster
 from tests.conftest import ROOT, finish_sim, run_name, start_sim
 
+STEPS = 150  # of the simulations below: 7.5 s at 0.05 s a step, most of them after the fault
+
 
 def _sent(proc: object) -> int:
     from pathlib import Path
@@ -33,7 +35,7 @@ def test_the_simulation_finishes_without_hanging_when_the_cluster_goes_away() ->
         ana = subprocess.Popen(ana_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
         try:
-            sim = start_sim(c, 2, {"run": run, "steps": 300, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
+            sim = start_sim(c, 2, {"run": run, "steps": 150, "sleep": 0.05}, env={"INSITU_DEADLINE": "10"})
             end = time.monotonic() + 120
             while _sent(sim) < 5 and time.monotonic() < end:
                 time.sleep(0.2)
@@ -56,13 +58,14 @@ def test_the_simulation_finishes_without_hanging_when_the_cluster_goes_away() ->
         sent = [e["step"] for e in events if e["event"] == "sent"]
         dropped = [e["step"] for e in events if e["event"] == "dropped"]
         assert sent == list(range(len(sent))) and len(sent) >= 5
-        assert dropped == list(range(len(sent), 300))  # every later step dropped, none lost silently
+        assert dropped == list(range(len(sent), 150))  # every later step dropped, none lost silently
         assert [e["event"] for e in events][-1] == "done"
 
 
 def _running(cluster: Any, run: str, restarts: int = 0) -> tuple[list[int], list[BaseException], threading.Thread, Any]:
-    """An analytics on ``u`` in a thread (steps seen, its failure) and a 4-rank, 400-step simulation
-    that has sent at least 5 steps; node processes restarted ``restarts`` times."""
+    """An analytics on ``u`` in a thread (steps seen, its failure) and a 4-rank, ``STEPS``-step simulation
+    that has sent at least 5 steps; node processes restarted ``restarts`` times. The ranks' deadline
+    is 10 s: how long they wait, at ``close()``, for a node process that might still be restarted."""
     from tests.test_failures import make_analytics
 
     analytics = make_analytics(run, node_restarts=restarts)
@@ -78,8 +81,8 @@ def _running(cluster: Any, run: str, restarts: int = 0) -> tuple[list[int], list
 
     thread = threading.Thread(target=consume)
     thread.start()
-    sim = start_sim(cluster, 4, {"run": run, "steps": 400, "sleep": 0.05, "config": {"node_restarts": restarts}},
-                    env={"INSITU_DEADLINE": "20"})  # fmt: skip
+    sim = start_sim(cluster, 4, {"run": run, "steps": STEPS, "sleep": 0.05, "config": {"node_restarts": restarts}},
+                    env={"INSITU_DEADLINE": "10"})  # fmt: skip
     end = time.monotonic() + 120
     while _sent(sim) < 5 and time.monotonic() < end:
         time.sleep(0.2)
@@ -96,6 +99,7 @@ def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluste
 
     from insitu.actors.head import head_name
     from insitu.errors import NodeLostError
+
     run = run_name("nodelost")
     seen, failure, thread, sim = _running(cluster, run)
     head = ray.get_actor(head_name(run), namespace="insitu")
@@ -120,7 +124,7 @@ def test_a_lost_node_process_is_named_by_the_analytics_and_the_simulation(cluste
         events = [e for e in result.events if e["rank"] == rank]
         sent = [e["step"] for e in events if e["event"] == "sent"]
         dropped = [e["step"] for e in events if e["event"] == "dropped"]
-        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 400))
+        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), STEPS))
         done = next(e for e in events if e["event"] == "done")
         assert (done["sent"], done["dropped"], done["ok"]) == (len(sent), len(dropped), False)
 
@@ -132,6 +136,7 @@ def test_a_lost_head_is_named_by_the_analytics_and_the_simulation_finishes(clust
 
     from insitu.actors.head import head_name
     from insitu.errors import RunLostError
+
     run = run_name("headlost")
     seen, failure, thread, sim = _running(cluster, run)
     ray.kill(ray.get_actor(head_name(run), namespace="insitu"))
@@ -149,7 +154,7 @@ def test_a_lost_head_is_named_by_the_analytics_and_the_simulation_finishes(clust
         events = [e for e in result.events if e["rank"] == rank]
         sent = [e["step"] for e in events if e["event"] == "sent"]
         dropped = [e["step"] for e in events if e["event"] == "dropped"]
-        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 400))
+        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), STEPS))
 
 
 def _raylet_pid(base_dir: str, ip: str) -> int:
@@ -179,7 +184,7 @@ def test_a_lost_raylet_is_named_by_the_analytics_and_the_simulation() -> None:
         ana = subprocess.Popen(ana_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
         try:
-            sim = start_sim(c, 4, {"run": run, "steps": 200, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
+            sim = start_sim(c, 4, {"run": run, "steps": STEPS, "sleep": 0.05}, env={"INSITU_DEADLINE": "10"})
             end = time.monotonic() + 120
             while _sent(sim) < 5 and time.monotonic() < end:
                 time.sleep(0.2)
@@ -202,7 +207,7 @@ def test_a_lost_raylet_is_named_by_the_analytics_and_the_simulation() -> None:
         events = [e for e in result.events if e["rank"] == rank]
         sent = [e["step"] for e in events if e["event"] == "sent"]
         dropped = [e["step"] for e in events if e["event"] == "dropped"]
-        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), 200))
+        assert sent == list(range(len(sent))) and dropped == list(range(len(sent), STEPS))
 
 
 def test_a_lost_node_process_is_restarted_and_the_run_goes_on_after_the_gap(cluster: Any) -> None:
@@ -285,5 +290,5 @@ def test_a_short_soak_with_two_node_process_kills_loses_only_the_gaps_and_leaves
     assert len(record["gaps"]) == 2 and not record["wrong_values"]
     assert record["loss_equals_gaps"], {k: record[k] for k in ("gaps", "ranks_gaps", "steps_missing", "steps_seen")}
     assert record["flat"], record["samples"]
-    assert record["nothing_left"]
+    assert record["nothing_left"], record["left"]
     assert proc.returncode == 0, proc.stdout[-2000:]

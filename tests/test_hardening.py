@@ -71,13 +71,32 @@ def test_a_detach_delivered_before_the_failure_does_not_hide_it(head: Any) -> No
 
     actor, link = head
     cid = ray.get(actor.attach.remote(link, {"u": 1})).consumer
-    ray.get(actor.detach.remote(cid, 1))  # sent after the failure, delivered first
+    detached = actor.detach.remote(cid, 1)  # sent after the failure, delivered first
     assert ray.get(actor.stats.remote())["consumers"][cid]["state"] == "ATTACHED"
     ray.get(actor.fail.remote(cid, "callback watch failed at step 3", 0))
+    ray.get(detached, timeout=10)
     stats = ray.get(actor.stats.remote())
     assert stats["consumers"][cid]["state"] == "FAILED"
     assert stats["consumers"][cid]["failure"] == "callback watch failed at step 3"
     assert stats["analytics"] == AnalyticsState.FAILED.name
+
+
+def test_a_detach_whose_earlier_message_never_comes_applies_after_a_grace(head: Any) -> None:
+    """A signal can interrupt a consumer between numbering a message and sending it (``insitu
+    record`` SIGINTed while it polled): its detach, numbered after, must not wait forever and leave
+    the consumer to be called *failed* when its process exits."""
+    import ray
+
+    actor, link = head
+    cid = ray.get(actor.attach.remote(link, {"u": 1})).consumer
+    ray.get(actor.done.remote(cid, 0, (), 0))
+    t0 = time.monotonic()
+    ray.get(actor.detach.remote(cid, 2), timeout=10)  # seq 1 was numbered, never sent
+    assert 2.5 < time.monotonic() - t0 < 8
+    stats = ray.get(actor.stats.remote())
+    assert stats["consumers"][cid]["state"] == "DETACHED" and stats["consumers"][cid]["completed"] == 0
+    ray.get(actor.fail.remote(cid, "late", 1))  # a message below the detach arriving after it: ignored
+    assert ray.get(actor.stats.remote())["consumers"][cid]["state"] == "DETACHED"
 
 
 def test_the_heads_steering_log_keeps_the_last_value_per_key_after_1000_updates(head: Any) -> None:

@@ -92,7 +92,7 @@ def test_sigterm_to_an_analytics_detaches_it_at_the_next_step_and_exits_143(clus
 
     run = run_name("sigterm")
     ana = start_ana(cluster, {"run": run, "sleep": 2.0})
-    proc = start_sim(cluster, 2, {"run": run, "steps": 60, "sleep": 0.2})
+    proc = start_sim(cluster, 2, {"run": run, "steps": 40, "sleep": 0.2})
     assert ana.stdout is not None
     first = json.loads(ana.stdout.readline())
     assert first["step"] == 0  # now in step 0's 2 s sleep
@@ -100,7 +100,7 @@ def test_sigterm_to_an_analytics_detaches_it_at_the_next_step_and_exits_143(clus
     rest, _ = ana.communicate(timeout=60)
     assert ana.returncode == 143
     assert [json.loads(line).get("step") for line in rest.splitlines()] == []  # no step after the signal
-    stats = head_stats(run)  # while the simulation still runs (60 steps of 0.2 s)
+    stats = head_stats(run)  # while the simulation still runs (40 steps of 0.2 s)
     assert [c["state"] for c in stats["consumers"].values()] == ["DETACHED"], stats["consumers"]
     assert stats["analytics"] == "DETACHED"  # what the ranks are told (FAILED for a killed one)
     result = finish_sim(proc)

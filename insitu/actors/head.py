@@ -46,6 +46,7 @@ __all__ = ["HeadActor", "get_or_create_head", "head_name", "relay_name"]
 
 log = logging.getLogger(__name__)
 _NO_STEP = -(2**62)
+_DETACH_GRACE = 3.0  # seconds a detach waits for a consumer's earlier messages (its ray.get waits 10)
 _FAILURE_GRACE = 0.5  # seconds to collect the other ranks a launcher kills after the first death
 
 
@@ -532,8 +533,21 @@ class HeadActor(NodeWatch):
         self._in_order(consumer, seq, lambda: self._leave(consumer, ConsumerState.FAILED, message))
 
     async def detach(self, consumer: int, seq: int | None = None) -> None:
-        """``consumer`` is done with this run (after its earlier messages: a detach never hides a failure)."""
+        """``consumer`` is done with this run (after its earlier messages: a detach never hides a failure).
+
+        Returns once applied. A message numbered before it that has not come within
+        ``_DETACH_GRACE`` s never will (a signal interrupted its sender between numbering and
+        sending it): the detach then applies without it.
+        """
         self._in_order(consumer, seq, lambda: self._leave(consumer, ConsumerState.DETACHED, "the analytics detached"))
+        end = time.monotonic() + _DETACH_GRACE
+        while seq is not None and self._consumer_order.count(str(consumer)) <= seq:
+            if time.monotonic() > end:
+                log.warning("run %s: consumer %d detached without its messages before #%d", self._run, consumer, seq)
+                for ready in self._consumer_order.skip_to(str(consumer), seq):
+                    ready()
+                break
+            await asyncio.sleep(0.05)
 
     async def losses(self) -> tuple[RunEnd | None, list[str]]:
         """The run's ``NODE_LOST`` end, if so, and the nodes whose process was restarted."""

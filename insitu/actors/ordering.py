@@ -9,6 +9,10 @@ Examples
 ['first', 'second']
 >>> order.count("a"), order.count("b")
 (2, 0)
+>>> order.push("a", 4, "fifth")
+[]
+>>> order.skip_to("a", 4)  # seq 2 and 3 never come
+['fifth']
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ class InOrder(Generic[T]):
         early = self._early.setdefault(sender, {})
         early[seq] = message
         out = []
+        while self._next[sender] in early:
+            out.append(early.pop(self._next[sender]))
+            self._next[sender] += 1
+        return out
+
+    def skip_to(self, sender: str, seq: int) -> list[T]:
+        """Give up on the missing messages of ``sender`` below and at ``seq``: return the ones held up
+        to ``seq`` (in order) and any that follow it without a gap; later numbers below ``seq`` are ignored."""
+        early = self._early.setdefault(sender, {})
+        out = [early.pop(q) for q in sorted(q for q in early if q <= seq)]
+        self._next[sender] = max(self._next[sender], seq + 1)
         while self._next[sender] in early:
             out.append(early.pop(self._next[sender]))
             self._next[sender] += 1

@@ -87,8 +87,11 @@ def free_port_block(size: int, start: int | None = None, host: str = "127.0.0.1"
     raise OSError(f"no block of {size} free ports between {_LOWEST} and {top}")
 
 
-def kill_session(sid: int, grace: float = 3.0) -> None:
-    """Terminate every process of session ``sid`` (TERM, then KILL after ``grace`` s)."""
+def kill_session(*sids: int, grace: float = 3.0) -> None:
+    """Terminate every live process of the sessions ``sids``: TERM to all at once, then KILL to
+    those still running after ``grace`` s. Exited processes not yet reaped (zombies, such as a
+    session leader its parent has not waited for) count as gone."""
+    wanted = set(sids)
 
     def members() -> list[int]:
         pids = []
@@ -101,7 +104,7 @@ def kill_session(sid: int, grace: float = 3.0) -> None:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
             # fields: state ppid pgrp session ...
-            if int(fields[3]) == sid:
+            if int(fields[3]) in wanted and fields[0] not in ("Z", "X"):
                 pids.append(int(entry.name))
         return pids
 
@@ -113,7 +116,7 @@ def kill_session(sid: int, grace: float = 3.0) -> None:
                 pass
         end = time.monotonic() + grace
         while time.monotonic() < end and members():
-            time.sleep(0.1)
+            time.sleep(0.05)
         if not members():
             return
 
@@ -289,9 +292,9 @@ class LocalCluster:
         raise StepTimeoutError(f"{what} did not listen on {host}:{port} within {self.startup_deadline:.0f} s")
 
     def stop(self) -> None:
-        """Stop every process this cluster started (by session id), workers last-to-first."""
-        for proc in reversed(self._procs):
-            kill_session(proc.pid)
+        """Stop every process this cluster started (by session id): all its sessions at once."""
+        kill_session(*(proc.pid for proc in self._procs))
+        for proc in self._procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
