@@ -210,9 +210,12 @@ def cpu_per_step(before: dict[int, tuple[str, float]], after: dict[int, tuple[st
 
 
 # -- the runner --------------------------------------------------------------------------------------
-def prestart_driver(run: str) -> subprocess.Popen[bytes]:
-    """Start ``python -m insitu.driver --run RUN --create-head`` as a launcher would, in its own session."""
-    return subprocess.Popen([sys.executable, "-m", "insitu.driver", "--run", run, "--create-head"],
+def prestart_driver(run: str, ready: Path, prewarm: bool = True) -> subprocess.Popen[bytes]:
+    """Start ``python -m insitu.driver --run RUN --create-head --ready-file READY`` as the batch
+    script does, in its own session: it creates the head, which starts the node processes ahead
+    (unless not ``prewarm``: ``--no-prewarm``, the design before)."""
+    return subprocess.Popen([sys.executable, "-m", "insitu.driver", "--run", run, "--create-head",
+                             "--ready-file", str(ready), *([] if prewarm else ["--no-prewarm"])],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
 
@@ -259,25 +262,18 @@ class Runner:
         self.cluster.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def _wait_head(self, run: str, deadline: float) -> None:
-        import ray
-
-        from insitu.actors.head import head_name
-
+    @staticmethod
+    def _wait_ready(run: str, ready: Path, proc: subprocess.Popen[bytes], deadline: float) -> None:
         end = time.monotonic() + deadline
-        while True:
-            try:
-                ray.get_actor(head_name(run), namespace="insitu")
-            except ValueError:
-                if time.monotonic() > end:
-                    raise TimeoutError(f"the pre-started run driver did not create the head of {run} in time") from None
-                time.sleep(0.1)
-            else:
-                return
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > end:
+                raise TimeoutError(f"the pre-started run driver of {run} was not ready within {deadline:.0f} s "
+                                   f"(exit status {proc.poll()})")  # fmt: skip
+            time.sleep(0.05)
 
     def sim(self, ranks: int, options: dict[str, Any], nodes: int = 1, analytics: Callable[..., Any] | None = None,
             window: int = 1, on_step: Callable[[str, int], None] | None = None, cwd: str | None = None,
-            driver: bool = False) -> dict[str, Any]:  # fmt: skip
+            driver: bool = False, prewarm: bool = True) -> dict[str, Any]:  # fmt: skip
         """Run ``sim_bench.py`` on ``ranks`` ranks over ``nodes`` raylets, with an in-process analytics.
 
         Parameters
@@ -289,8 +285,10 @@ class Runner:
         on_step
             Called with the run name and the step at the end of every callback.
         driver
-            Pre-start the run driver (``--create-head``) before launching the ranks, as a
-            batch script does; otherwise rank 0 spawns it.
+            Pre-start the run driver (``--create-head``) and launch the ranks once it is
+            ready, as the batch script does; otherwise rank 0 spawns it.
+        prewarm
+            With ``driver``: its head starts the node processes ahead (else ``--no-prewarm``).
         """
         import ray
 
@@ -309,11 +307,11 @@ class Runner:
         total_steps = opts["steps"] + opts.get("warmup", 10)
         done: dict[str, Any] = {}
         thread = None
-        # as a batch script does: the driver first (it creates the head), then analytics and ranks
-        pre = prestart_driver(run) if driver else None
+        # as the batch script does: the driver first (the head, the node processes), then analytics and ranks
+        pre = prestart_driver(run, out / "driver.ready", prewarm) if driver else None
         if pre is not None:
             try:
-                self._wait_head(run, 120)
+                self._wait_ready(run, out / "driver.ready", pre, 120)
             except TimeoutError:
                 pre.kill()
                 pre.wait()

@@ -112,7 +112,8 @@ def startup_table(r: dict[str, Any]) -> list[str]:
     st = r.get("startup", {})
     out = ["| ranks on raylets | start-up | ÷ without insitu | `Bridge()` on rank 0 | runs |", "|---|---|---|---|---|"]
     for kind, name in (("without", "without insitu"), ("spawned", "insitu, driver spawned by rank 0"),
-                       ("prestarted", "insitu, driver pre-started")):  # fmt: skip
+                       ("prestarted", "insitu, driver pre-started (node processes started ahead)"),
+                       ("no_prewarm", "insitu, driver pre-started with --no-prewarm (the design before)")):  # fmt: skip
         if kind in st:
             k = st[kind]
             init = ", ".join(f"{x:.1f} s" for x in k["init_rank0_s"]) if kind != "without" else "–"

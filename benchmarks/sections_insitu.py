@@ -181,25 +181,32 @@ def actor_start(runner: Runner) -> float:
     return took
 
 
+_DRIVERS = ("spawned", "prestarted", "no_prewarm")  # how the run driver starts (section_startup)
+
+
 def section_startup(runner: Runner, ranks: int = 16, repeats: int = 2) -> dict[str, Any]:
     """Start-up and memory per rank at ``ranks`` ranks on every raylet: insitu vs the same processes without it.
 
     Start-up is the wall time from launching ``mpiexec`` to the barrier after every rank's
     set-up (measured on rank 0). insitu runs with the run driver spawned by rank 0 and with
-    it pre-started (``python -m insitu.driver --run RUN --create-head``) as a batch script does.
+    it pre-started (``python -m insitu.driver --run RUN --create-head --ready-file F``) as the
+    batch script does: started when the cluster is up, it has the head start the node processes
+    ahead, and the ranks are launched once it is ready; and, to compare the designs in one
+    run, pre-started with ``--no-prewarm`` (node processes started at registration, as before).
     Memory added is each rank's max RSS after the set-up minus before, insitu run minus the
     paired run without insitu.
     """
     nodes = len(runner.cluster.node_ips)
     opts = {"chunk": 64 * KIB, "steps": 5, "warmup": 0}
-    runs: dict[str, list[dict[str, Any]]] = {"without": [], "spawned": [], "prestarted": []}
+    runs: dict[str, list[dict[str, Any]]] = {"without": [], "spawned": [], "prestarted": [], "no_prewarm": []}
     for i in range(repeats):  # interleaved, so drift hits all three alike
         for kind in runs:
 
             def one(kind: str = kind) -> dict[str, Any]:
                 if kind == "without":
                     return runner.sim(ranks, {**opts, "insitu": False}, nodes=nodes)
-                return runner.sim(ranks, opts, nodes=nodes, analytics=mean_of_window, driver=kind == "prestarted")
+                return runner.sim(ranks, opts, nodes=nodes, analytics=mean_of_window, driver=kind != "spawned",
+                                  prewarm=kind == "prestarted")  # fmt: skip
 
             runs[kind].append(with_retries(f"startup {kind} #{i + 1}", one))
     ok = {k: [r for r in v if "error" not in r] for k, v in runs.items()}
@@ -215,10 +222,10 @@ def section_startup(runner: Runner, ranks: int = 16, repeats: int = 2) -> dict[s
     if not ok["without"]:
         return out
     base = out["without"]["startup_median_s"]
-    for kind in ("spawned", "prestarted"):
+    for kind in _DRIVERS:
         if kind in out:
             out[kind]["ratio"] = out[kind]["startup_median_s"] / base
-    pairs = list(zip(ok["without"], ok["spawned"] + ok["prestarted"], strict=False))
+    pairs = list(zip(ok["without"], ok["spawned"] + ok["prestarted"] + ok["no_prewarm"], strict=False))
     if pairs:
         per_rank = [max(b - a for a, b in zip(w["rss_added_mb"], s["rss_added_mb"], strict=True)) for w, s in pairs]
         added = [[b - a for a, b in zip(w["rss_added_mb"], s["rss_added_mb"], strict=True)] for w, s in pairs]
@@ -226,10 +233,12 @@ def section_startup(runner: Runner, ranks: int = 16, repeats: int = 2) -> dict[s
         out["rss_added_max_mb"] = max(per_rank)
         out["rss_added_rank0_mb"] = max(a[0] for a in added)
         out["rss_added_others_median_mb"] = statistics.median(x for a in added for x in a[1:])
-    print(f"startup {ranks} ranks on {nodes} raylets: without insitu {base:.2f} s; " + "; ".join(
-        f"{k} driver {out[k]['startup_median_s']:.2f} s ({out[k]['ratio']:.2f}x)" for k in ("spawned", "prestarted")
-        if k in out) + f"; RSS added max {out.get('rss_added_max_mb', float('nan')):.1f} MB "
-        f"(rank 0 {out.get('rss_added_rank0_mb', float('nan')):.1f} MB)", flush=True)  # fmt: skip
+    drivers = "; ".join(f"{k} driver {out[k]['startup_median_s']:.2f} s ({out[k]['ratio']:.2f}x)"
+                        for k in _DRIVERS if k in out)  # fmt: skip
+    nan = float("nan")
+    print(f"startup {ranks} ranks on {nodes} raylets: without insitu {base:.2f} s; {drivers}; RSS added max "
+          f"{out.get('rss_added_max_mb', nan):.1f} MB (rank 0 {out.get('rss_added_rank0_mb', nan):.1f} MB)",
+          flush=True)  # fmt: skip
     return out
 
 

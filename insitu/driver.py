@@ -5,7 +5,10 @@ No simulation process (Python, C or Fortran rank) imports Ray. Registering a run
 needs a Ray driver, so one separate process per run and host does it:
 
 * under SLURM the batch script starts it (``python -m insitu.driver --run RUN
-  --create-head``) on the batch host before ``srun``-ing the simulation;
+  --create-head``) on the batch host as soon as the Ray cluster is up, long before
+  ``srun``-ing the simulation. It then creates the head and has it start a node process
+  on every alive node (:mod:`insitu.actors.warm`; ``--no-prewarm`` to not), so the
+  simulation's set-up does not wait for Ray to start worker processes;
 * for plain ``mpiexec`` runs, rank 0 of the :class:`~insitu.bridge.Bridge` (the only
   rank that ever talks to it) spawns it on its own host when no driver of the run
   listens there (:func:`connect_driver`). It runs in its own session with its output
@@ -304,11 +307,15 @@ def register_run(
     return ("error", f"the run driver of run {run!r} {what} during registration")
 
 
-def serve(run: str, namespace: str, idle: float, config: Config | None = None) -> int:
+def serve(run: str, namespace: str, idle: float, config: Config | None = None, prewarm: bool = True,
+          ready_file: str | None = None) -> int:  # fmt: skip
     """Run the driver of ``run`` until the run's head is gone; return an exit status.
 
-    With ``config`` (the launcher's case) it connects to Ray and creates the head at once;
-    otherwise it waits for rank 0's registration, at most ``idle`` seconds.
+    With ``config`` (the launcher's case) it connects to Ray and creates the head at once,
+    which starts the node processes ahead (``prewarm``); otherwise it waits for rank 0's
+    registration, at most ``idle`` seconds. ``ready_file`` is created once the head is up and
+    the node processes started ahead answered (or did not within the start-up deadline): a
+    launcher waits for it before starting the simulation.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -321,7 +328,12 @@ def serve(run: str, namespace: str, idle: float, config: Config | None = None) -
     driver = _Driver(run, namespace)
     if config is not None:
         driver.connect(config)
-        driver.ensure_head()
+        head = driver.ensure_head()
+        if prewarm:  # ranks connecting meanwhile wait in the listen backlog
+            _prewarm(run, head, max(config.deadline, config.startup_deadline))
+        if ready_file:
+            Path(ready_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(ready_file).write_text(f"{os.getpid()}\n")
     last = time.monotonic()
     checked = 0.0
     try:
@@ -353,6 +365,18 @@ def serve(run: str, namespace: str, idle: float, config: Config | None = None) -
         sock.close()
 
 
+def _prewarm(run: str, head: Any, deadline: float) -> None:
+    import ray
+
+    t0 = time.monotonic()
+    try:
+        started = ray.get(head.prewarm.remote(), timeout=deadline)
+    except Exception as exc:  # noqa: BLE001 - the node processes are then started at registration
+        log.warning("run %s: node processes could not be started ahead: %s: %s", run, type(exc).__name__, exc)
+    else:
+        log.info("run %s: %d node processes started ahead in %.1f s", run, started, time.monotonic() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m insitu.driver --run RUN [--create-head]`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m insitu.driver", description=__doc__.split("\n\n")[0])
@@ -360,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default=None, help="Ray namespace (default INSITU_NAMESPACE)")
     parser.add_argument("--idle", type=float, default=None, help="seconds to wait for a registration")
     parser.add_argument("--create-head", action="store_true", help="connect to Ray (INSITU_ADDRESS) now")
+    parser.add_argument("--no-prewarm", action="store_true",
+                        help="with --create-head: do not start node processes before the simulation registers")
+    parser.add_argument("--ready-file", default=None,
+                        help="with --create-head: file created once the head and the node processes are up")
     parser.add_argument("--log", default=None, help="log file to remove after a clean exit")
     parser.add_argument("--detach", action="store_true", help="start the driver in a new session, print its pid")
     args = parser.parse_args(argv)
@@ -375,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config.from_env()
         namespace = args.namespace or cfg.namespace
         idle = args.idle if args.idle is not None else max(cfg.deadline, cfg.startup_deadline)
-        status = serve(args.run, namespace, idle, cfg if args.create_head else None)
+        status = serve(args.run, namespace, idle, cfg if args.create_head else None, not args.no_prewarm,
+                       args.ready_file)  # fmt: skip
     except InsituError as exc:
         print(f"insitu.driver: {exc}", file=sys.stderr)
         return 2

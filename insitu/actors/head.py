@@ -24,6 +24,7 @@ from insitu.actors.node import NodeActor
 from insitu.actors.ordering import InOrder
 from insitu.actors.recovery import NodeRecovery, NodeWatch
 from insitu.actors.relay import StepRelay
+from insitu.actors.warm import WarmNodes
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE
 from insitu.errors import ContractError, StepTimeoutError
@@ -98,6 +99,8 @@ class HeadActor(NodeWatch):
         self._watchers: list[asyncio.Task[None]] = []
         self._recovery = NodeRecovery(config.node_restarts)
         self._registered = False  # node actors started and their addresses known (nodes() answers then)
+        self._warm = WarmNodes()  # node processes started before the simulation registered (prewarm)
+        self._node_ranks: dict[str, tuple[int, ...]] = {}
 
     # -- helpers -----------------------------------------------------------------
     def _wake(self) -> None:
@@ -154,15 +157,18 @@ class HeadActor(NodeWatch):
         status = self._status(full=True)
         self._unpushed.clear()
         ordered = sorted(by_node)
+        self._node_ranks = {n: tuple(by_node[n]) for n in ordered}
+        restarts = 0 if len(ordered) > self._cfg.fanin else self._cfg.node_restarts
         for node in ordered:
             self._nodes[node] = (
                 nodes[node]
                 if nodes is not None
-                else NodeActor.options(  # type: ignore[attr-defined]
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                    max_restarts=0 if len(ordered) > self._cfg.fanin else self._cfg.node_restarts,
+                else self._warm.take(node, restarts)
+                or NodeActor.options(  # type: ignore[attr-defined]
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False), max_restarts=restarts
                 ).remote(self._run, node, me, tuple(by_node[node]))
             )
+        self._warm.discard()  # started ahead on nodes without ranks
         handles: dict[str, Any] = dict(self._nodes)
         below: dict[str, tuple[str, ...]] = {n: (n,) for n in ordered}  # unit -> the nodes under it
         children: dict[str, tuple[str, ...]] = {}  # relay -> its units
@@ -195,7 +201,7 @@ class HeadActor(NodeWatch):
         self._units = {u: handles[u] for u in top}
         self._unit_nodes = {u: below[u] for u in top}
         try:
-            starts = [self._nodes[n].start.remote(status, parent_of[n]) for n in ordered]
+            starts = [self._nodes[n].start.remote(status, parent_of[n], "", 0, by_node[n]) for n in ordered]
             for relay, units in children.items():
                 starts.append(handles[relay].start.remote({u: handles[u] for u in units}, parent_of[relay]))
             addresses = await asyncio.wait_for(asyncio.gather(*starts), self._cfg.deadline)
@@ -267,6 +273,22 @@ class HeadActor(NodeWatch):
         """Each node's ``id``, ``ip``, ``ranks``, ``route`` and ``actor`` (its node actor, which ``insitu
         status`` asks for its ranks' figures). Fixed once registered: ``--follow`` asks once."""
         return [{**n, "actor": self._nodes.get(n["id"])} for n in self._node_entries()]
+
+    async def prewarm(self) -> int:
+        """Start a node process on every alive node now, before the simulation registers (the run
+        driver's ``--create-head``; :mod:`insitu.actors.warm`); return how many answered. Once per
+        run: later calls wait for the same processes."""
+        if self._sim is not None or self._torn_down:
+            return 0
+        self._ensure_watchdog()  # a run that never registers is reclaimed, and its warm processes with it
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        restarts = 0 if len(alive) > self._cfg.fanin else self._cfg.node_restarts
+        me = ray.get_runtime_context().current_actor
+        return await self._warm.start(self._run, me, alive, restarts, self._cfg.deadline)
+
+    async def warm_processes(self) -> dict[str, int]:
+        """Process id of each node process started ahead and not adopted (yet), by node id."""
+        return await self._warm.pids()
 
     async def node_processes(self) -> dict[str, int]:
         """Process id of each node actor (for fault tests)."""
@@ -599,6 +621,7 @@ class HeadActor(NodeWatch):
         self._torn_down = True
         for actor in {**self._relays, **self._nodes}.values():
             ray.kill(actor, no_restart=True)
+        self._warm.discard()
         self._nodes.clear()
         self._units.clear()
         self._relays.clear()

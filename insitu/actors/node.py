@@ -71,15 +71,19 @@ class NodeActor:
         self._last_step = -1
         self._epoch = 0
 
-    async def start(self, status: Status, parent: Any = None, address: str = "", epoch: int = 0) -> str:
+    async def start(self, status: Status, parent: Any = None, address: str = "", epoch: int = 0,
+                    ranks: tuple[int, ...] | None = None) -> str:  # fmt: skip
         """Open the rank socket (abstract Unix namespace) and return its address.
 
         ``parent`` receives this node's step and close messages: the head, or the
         :class:`~insitu.actors.relay.StepRelay` of its group on large runs. ``address``
         and ``epoch``: a restarted process (Ray re-ran the constructor) opens the address of
         its first incarnation, where the ranks reconnect, and numbers its messages anew in
-        its ``epoch``.
+        its ``epoch``. ``ranks``: the ranks of this node, for a process started before the
+        simulation registered (:mod:`insitu.actors.warm`) or restarted from such a one.
         """
+        if ranks is not None:
+            self._expected = frozenset(ranks)
         if parent is not None:
             self._parent = parent
         self._epoch = epoch

@@ -119,6 +119,7 @@ class NodeWatch:
     _node_ips: dict[str, str]
     _closed_units: dict[str, int]
     _recovery: NodeRecovery
+    _node_ranks: dict[str, tuple[int, ...]]
 
     if TYPE_CHECKING:  # the head's own methods
 
@@ -159,7 +160,8 @@ class NodeWatch:
                 # while the process was down are in it, and the next push follows its seq
                 status = self._status(full=True)
                 try:
-                    await asyncio.wait_for(actor.start.remote(status, None, self._recovery.addresses[node], epoch),
+                    await asyncio.wait_for(actor.start.remote(status, None, self._recovery.addresses[node], epoch,
+                                                              self._node_ranks[node]),
                                            max(0.1, end - time.monotonic()))  # fmt: skip
                     break
                 except ray.exceptions.ActorUnavailableError:
