@@ -210,6 +210,22 @@ def test_a_lost_raylet_is_named_by_the_analytics_and_the_simulation() -> None:
         assert sent == list(range(len(sent))) and dropped == list(range(len(sent), STEPS))
 
 
+def watching_gaps(run: str) -> tuple[dict[int, float], list[Any], dict[str, Any], threading.Thread]:
+    """An analytics of ``run`` running in a thread: the mean of ``u`` per step it saw, the
+    ``Gap`` s it was told of, and ``{"summary": RunSummary}`` once ``run()`` returned."""
+    from tests.test_failures import make_analytics
+
+    analytics = make_analytics(run)
+    seen: dict[int, float] = {}
+    gaps: list[Any] = []
+    analytics.on_gap(gaps.append)
+    analytics.on_step("u")(lambda step, u: seen.__setitem__(step, float(u[0].mean().compute())))
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("summary", analytics.run()))
+    thread.start()
+    return seen, gaps, outcome, thread
+
+
 def test_a_lost_node_process_is_restarted_and_the_run_goes_on_after_the_gap(cluster: Any) -> None:
     """SIGKILL to the node actor of the second node mid-run (``node_restarts`` 3 by default): Ray restarts
     it on its node, its ranks reconnect at their next send, the run goes on. Both sides report the gap:
@@ -220,19 +236,11 @@ def test_a_lost_node_process_is_restarted_and_the_run_goes_on_after_the_gap(clus
     import ray
 
     from insitu.actors.head import head_name
-    from insitu.messages import Gap
     from tests.conftest import expected_field
-    from tests.test_failures import make_analytics, same_everywhere
+    from tests.test_failures import same_everywhere
 
     run, steps = run_name("restart"), 200
-    analytics = make_analytics(run)
-    seen: dict[int, float] = {}
-    gaps: list[Gap] = []
-    analytics.on_gap(gaps.append)
-    analytics.on_step("u")(lambda step, u: seen.__setitem__(step, float(u[0].mean().compute())))
-    outcome: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("summary", analytics.run()))
-    thread.start()
+    seen, gaps, outcome, thread = watching_gaps(run)
     sim = start_sim(cluster, 4, {"run": run, "steps": steps, "sleep": 0.05}, env={"INSITU_DEADLINE": "20"})
     end = time.monotonic() + 120
     while _sent(sim) < 20 and time.monotonic() < end:

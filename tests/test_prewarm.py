@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,7 @@ def test_node_processes_started_ahead_are_adopted_ended_if_unused_and_restarted(
 
     from insitu.actors.head import head_name
     from insitu.interrupt import end_processes
-    from insitu.messages import Gap
-    from tests.test_failures import make_analytics
-    from tests.test_faults import _sent
+    from tests.test_faults import _sent, watching_gaps
 
     run, steps = run_name("warm"), 120
     ready = tmp_path / "driver.ready"
@@ -58,14 +55,7 @@ def test_node_processes_started_ahead_are_adopted_ended_if_unused_and_restarted(
         assert set(warm) == set(alive) and len(alive) >= 2
         used = next(n for n, ip in alive.items() if ip == cluster.node_ips[0])
 
-        analytics = make_analytics(run)
-        seen: dict[int, float] = {}
-        gaps: list[Gap] = []
-        analytics.on_gap(gaps.append)
-        analytics.on_step("u")(lambda step, u: seen.__setitem__(step, float(u[0].mean().compute())))
-        outcome: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: outcome.setdefault("summary", analytics.run()))
-        thread.start()
+        seen, gaps, outcome, thread = watching_gaps(run)
         sim = start_sim(cluster, 2, {"run": run, "steps": steps, "sleep": 0.05}, nodes=[cluster.node_ips[0]],
                         env={"INSITU_DEADLINE": "20"})  # fmt: skip
         end = time.monotonic() + 120

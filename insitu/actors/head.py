@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from insitu.actors.node import NodeActor
 from insitu.actors.ordering import InOrder
 from insitu.actors.recovery import NodeRecovery, NodeWatch
 from insitu.actors.relay import StepRelay
+from insitu.actors.reports import HeadReports
 from insitu.actors.warm import WarmNodes
 from insitu.config import Config
 from insitu.dispatch import HEAD_RESOURCE
@@ -46,7 +46,6 @@ from insitu.messages import (
 __all__ = ["HeadActor", "get_or_create_head", "head_name", "relay_name"]
 
 log = logging.getLogger(__name__)
-_NO_STEP = -(2**62)
 _DETACH_GRACE = 3.0  # seconds a detach waits for a consumer's earlier messages (its ray.get waits 10)
 _FAILURE_GRACE = 0.5  # seconds to collect the other ranks a launcher kills after the first death
 
@@ -62,7 +61,7 @@ def relay_name(run: str, level: int, index: int) -> str:
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
-class HeadActor(NodeWatch):
+class HeadActor(NodeWatch, HeadReports):
     """See the module docstring."""
 
     def __init__(self, run: str, config: Config) -> None:
@@ -221,59 +220,6 @@ class HeadActor(NodeWatch):
         self._registered = True
         return dict(zip(ordered, addresses[: len(ordered)], strict=True))
 
-    async def status(self) -> dict[str, Any]:
-        """The head's part of ``insitu status`` (docs/status.md): plain data from its memory, no call out,
-        independent of the number of nodes (:meth:`nodes` lists them)."""
-        book, now = self._book, time.monotonic()
-        last = None if book.last_step == _NO_STEP else book.last_step
-        sim = None if self._sim is None else {"ranks": self._sim.size, "nodes": len(self._nodes)}
-        assembling = []
-        for (step, part), have in sorted(self._partial.items(), key=lambda kv: kv[0][0]):
-            missing = [n for u in self._units if u not in have for n in self._unit_nodes.get(u, (u,))]
-            assembling.append({"step": step, "arrays": list(part) if part else "all", "missing_nodes": missing})
-        consumers, held = book.describe(now)
-        end = None if self._end is None else {"reason": self._end.reason.value, "message": self._end.message,
-                                              "last_step": self._end.last_step}  # fmt: skip
-        return {
-            "run": self._run, "age_s": round(now - self._created, 3),
-            "state": "ended" if self._end is not None else "running" if self._sim is not None else "waiting",
-            "end": end, "simulation": sim,
-            "steps": {"assembled": self._steps_assembled, "last": last, "assembling": assembling,
-                      "in_flight": self._in_flight()},
-            "ranks_told": book.sim_state().name.lower(), "failures": book.failures, "last_failure": book.last_failure,
-            "restart_pending_s": None if book.restart_until is None else round(book.restart_until - now, 3),
-            "consumers": consumers, "retained": book.retained_steps(), "held_steps": held,
-            "node_restarts": self._recovery.describe(),
-        }  # fmt: skip
-
-    def _in_flight(self) -> int:
-        """Steps the ranks sent that not every attached consumer finished (by step number, from the
-        consumers' completed step to the newest step seen, assembling ones included)."""
-        newest = max([k[0] for k in self._partial] + [self._book.last_step])
-        done = self._book.completed()
-        return 0 if newest == _NO_STEP else max(0, newest - max(done, -1))
-
-    def _node_entries(self) -> list[dict[str, Any]]:
-        """Each node's id, address, ranks and route: fixed at registration, built once (status stays cheap)."""
-        if self._nodes_doc is None and self._registered and self._sim is not None:  # addresses come last
-            by_node: dict[str, list[int]] = {}
-            for rank, node in enumerate(self._sim.rank_nodes):
-                by_node.setdefault(node, []).append(rank)
-            self._nodes_doc = []
-            for node in self._nodes:
-                route, unit = [], node
-                while unit in self._parent_relay:
-                    unit = self._parent_relay[unit]
-                    route.append(unit)
-                self._nodes_doc.append({"id": node, "ip": self._node_ips.get(node), "ranks": by_node.get(node, []),
-                                        "route": " > ".join(route) or "direct"})  # fmt: skip
-        return self._nodes_doc or []
-
-    async def nodes(self) -> list[dict[str, Any]]:
-        """Each node's ``id``, ``ip``, ``ranks``, ``route`` and ``actor`` (its node actor, which ``insitu
-        status`` asks for its ranks' figures). Fixed once registered: ``--follow`` asks once."""
-        return [{**n, "actor": self._nodes.get(n["id"])} for n in self._node_entries()]
-
     async def prewarm(self) -> int:
         """Start a node process on every alive node now, before the simulation registers (the run
         driver's ``--create-head``; :mod:`insitu.actors.warm`); return how many answered. Once per
@@ -285,15 +231,6 @@ class HeadActor(NodeWatch):
         restarts = 0 if len(alive) > self._cfg.fanin else self._cfg.node_restarts
         me = ray.get_runtime_context().current_actor
         return await self._warm.start(self._run, me, alive, restarts, self._cfg.deadline)
-
-    async def warm_processes(self) -> dict[str, int]:
-        """Process id of each node process started ahead and not adopted (yet), by node id."""
-        return await self._warm.pids()
-
-    async def node_processes(self) -> dict[str, int]:
-        """Process id of each node actor (for fault tests)."""
-        pids = await asyncio.gather(*(a.stats.remote() for a in self._nodes.values()))
-        return {node: int(s["pid"]) for node, s in zip(self._nodes, pids, strict=True)}
 
     async def node_step(self, msg: NodeStep) -> None:
         """A node reporting directly delivered one step (once per node per step)."""
@@ -570,37 +507,6 @@ class HeadActor(NodeWatch):
                     ready()
                 break
             await asyncio.sleep(0.05)
-
-    async def losses(self) -> tuple[RunEnd | None, list[str]]:
-        """The run's ``NODE_LOST`` end, if so, and the nodes whose process was restarted."""
-        ended = self._end if self._end is not None and self._end.reason == EndReason.NODE_LOST else None
-        return ended, [n for n in self._nodes if self._recovery.epoch(n)]
-
-    async def end(self) -> RunEnd | None:
-        """How the run ended, ``None`` while it goes on (a consumer whose data vanished asks)."""
-        return self._end
-
-    async def stats(self) -> dict[str, Any]:
-        """Counters for tests and benchmarks."""
-        return {
-            "pid": os.getpid(),
-            "pushes": self._seq,
-            "messages": self._order.counts(),
-            "units": len(self._units),
-            "relays": len(self._relays),
-            "nodes": list(self._nodes),
-            "assembled": self._steps_assembled,
-            "analytics": self._book.sim_state().name,
-            "consumers": {
-                c.id: {"kind": c.kind, "state": c.state.name, "completed": c.completed, "failure": c.failure}
-                for c in self._book.consumers.values()
-            },
-            "retained": self._book.retained_steps(),
-            "steering": {k: u.value for k, u in self._steering.items()},
-            "steering_versions": {k: u.version for k, u in self._steering.items()},
-            "steering_log": len(self._steering),
-            "ended": None if self._end is None else self._end.reason.value,
-        }
 
     # -- reclamation -----------------------------------------------------------------
     async def _watch(self) -> None:
