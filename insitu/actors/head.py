@@ -200,7 +200,9 @@ class HeadActor(NodeWatch, HeadReports):
         self._units = {u: handles[u] for u in top}
         self._unit_nodes = {u: below[u] for u in top}
         try:
-            starts = [self._nodes[n].start.remote(status, parent_of[n], "", 0, by_node[n]) for n in ordered]
+            starts = [self._nodes[n].start.remote(status, parent_of[n]) if nodes is not None  # impersonated
+                      else self._nodes[n].start.remote(status, parent_of[n], ranks=tuple(by_node[n]))
+                      for n in ordered]  # fmt: skip
             for relay, units in children.items():
                 starts.append(handles[relay].start.remote({u: handles[u] for u in units}, parent_of[relay]))
             addresses = await asyncio.wait_for(asyncio.gather(*starts), self._cfg.deadline)
