@@ -62,12 +62,11 @@ def collect(
     """
     import ray
 
-    from insitu.actors.head import head_name
+    from insitu.actors.head import find_head
     from insitu.messages import RunInfo
 
-    try:
-        head = ray.get_actor(head_name(run), namespace=config.namespace)
-    except ValueError:
+    head = find_head(run, config.namespace)
+    if head is None:
         raise ContractError(
             f"no run {run!r} on the cluster at {config.address} (namespace {config.namespace!r}): it has not "
             "started, or it ended and was reclaimed"
@@ -111,12 +110,11 @@ def fixed(run: str, config: Config) -> tuple[list[dict[str, Any]] | None, Any]:
     before, or without the run): what :func:`collect` need not ask again."""
     import ray
 
-    from insitu.actors.head import head_name
+    from insitu.actors.head import find_head
     from insitu.messages import RunInfo
 
-    try:
-        head = ray.get_actor(head_name(run), namespace=config.namespace)
-    except ValueError:
+    head = find_head(run, config.namespace)
+    if head is None:
         return None, None  # collect names the problem
     nodes = ray.get(head.nodes.remote(), timeout=10) or None
     info = ray.get(head.run_info.remote(0), timeout=10)

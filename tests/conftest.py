@@ -218,15 +218,11 @@ def expected_field(step: int, shape: tuple[int, ...], dtype: str = "f8") -> Any:
 
 def wait_gone(run: str, timeout: float = 30.0) -> bool:
     """Wait until the head actor of ``run`` no longer exists."""
-    import ray
-
-    from insitu.actors.head import head_name
+    from insitu.actors.head import find_head
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            ray.get_actor(head_name(run), namespace="insitu")
-        except ValueError:
+        if find_head(run, "insitu") is None:
             return True
         time.sleep(0.25)
     return False

@@ -43,7 +43,7 @@ from insitu.messages import (
     Waiting,
 )
 
-__all__ = ["HeadActor", "get_or_create_head", "head_name", "relay_name"]
+__all__ = ["HeadActor", "find_head", "get_or_create_head", "head_name", "relay_name"]
 
 log = logging.getLogger(__name__)
 _DETACH_GRACE = 3.0  # seconds a detach waits for a consumer's earlier messages (its ray.get waits 10)
@@ -536,6 +536,24 @@ class HeadActor(NodeWatch, HeadReports):
         self._book.clear()
         self._partial.clear()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def find_head(run: str, namespace: str) -> Any | None:
+    """The head actor of ``run``, or ``None`` if there is none (never created, or reclaimed).
+
+    A head being torn down can still resolve by name after Ray dropped its class (Ray 2.60 then
+    fails an assertion inside ``ray.get_actor``): that counts as gone once it lasts 1 s.
+    """
+    end = time.monotonic() + 1.0
+    while True:
+        try:
+            return ray.get_actor(head_name(run), namespace=namespace)
+        except ValueError:
+            return None
+        except AssertionError:
+            if time.monotonic() > end:
+                return None
+            time.sleep(0.1)
 
 
 def get_or_create_head(run: str, config: Config) -> Any:

@@ -63,7 +63,7 @@ class Snapshots:
         import ray
 
         from insitu.actors.consumers import ConsumerKind
-        from insitu.actors.head import head_name
+        from insitu.actors.head import find_head
         from insitu.analytics import Analytics
         from insitu.messages import RunEnd, RunInfo
         from insitu.process import acquire_ray
@@ -78,10 +78,8 @@ class Snapshots:
         info = None
         while not isinstance(info, RunInfo):
             try:
-                head = ray.get_actor(head_name(self.run), namespace=self.config.namespace)
-                info = ray.get(head.run_info.remote(5.0), timeout=30)
-            except ValueError:
-                info = None  # the run has not started yet
+                head = find_head(self.run, self.config.namespace)
+                info = None if head is None else ray.get(head.run_info.remote(5.0), timeout=30)  # None: not started
             except ray.exceptions.RayError as exc:  # a head that died or did not answer: ask again
                 self.state = f"{type(exc).__name__} from the run's head"
             if isinstance(info, RunEnd):
